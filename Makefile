@@ -1,0 +1,49 @@
+# devpass: `make run` starts a controller and an agent for this machine,
+# `make test` installs what the tests need and runs the whole suite.
+
+PYTHON ?= python3
+VENV ?= .venv
+STATE_DIR ?= .state
+BIN := $(VENV)/bin
+PY := $(BIN)/python
+APT_PACKAGES := pciutils pci.ids
+
+.PHONY: run test venv system-deps protos lint typecheck clean
+
+$(BIN)/devpass: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[test]'
+	touch $@
+
+venv: $(BIN)/devpass
+
+# Installs the Debian packages that devpass reads (pci.ids for vendor and device
+# names) and that the tests compare against (pciutils for lspci).
+system-deps:
+	@missing=""; for p in $(APT_PACKAGES); do \
+	  dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing Debian packages:$$missing"; \
+	  if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $$missing; \
+	fi
+
+run: system-deps venv
+	$(BIN)/devpass up --state-dir $(STATE_DIR)
+
+test: system-deps venv
+	$(PY) -m pytest -q
+
+protos: venv
+	$(PY) -m grpc_tools.protoc -Iprotos --python_out=. --pyi_out=. --grpc_python_out=. protos/devpass/v1/*.proto
+
+lint: venv
+	$(BIN)/ruff check devpass controller agent tests
+	$(BIN)/ruff format --check devpass controller agent tests
+
+typecheck: venv
+	$(BIN)/mypy devpass controller agent
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,88 @@
+"""The agent's announcement to the controller and the heartbeat that keeps it."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+
+import grpc
+import structlog
+
+from agent.service import function_to_proto
+from agent.sysfs import Sysfs
+from devpass import __version__
+from devpass.v1 import hosts_pb2, hosts_pb2_grpc
+
+log = structlog.get_logger()
+
+# Used until the controller states its interval in the first response.
+DEFAULT_INTERVAL_SECONDS = 2.0
+# A heartbeat that takes longer than this many intervals counts as failed.
+_DEADLINE_INTERVALS = 2.0
+
+
+@dataclass(frozen=True)
+class HostIdentity:
+    name: str
+    agent_address: str
+    simulated: bool
+
+
+class Heartbeat:
+    """Send the host's live PCI state to the controller at the interval the controller sets."""
+
+    def __init__(self, channel: grpc.aio.Channel, sysfs: Sysfs, identity: HostIdentity) -> None:
+        self._stub = hosts_pb2_grpc.HostServiceStub(channel)
+        self._sysfs = sysfs
+        self._identity = identity
+        self.interval = DEFAULT_INTERVAL_SECONDS
+        self._wake = asyncio.Event()
+
+    def trigger(self) -> None:
+        """Send the next heartbeat now instead of at the end of the interval."""
+        self._wake.set()
+
+    async def run(self) -> None:
+        """Send heartbeats until cancelled, logging failures without giving up."""
+        failures = 0
+        while True:
+            try:
+                await self.send()
+            except grpc.RpcError as err:
+                failures += 1
+                # Log the first failure and then every tenth, so an outage is visible but not noisy.
+                if failures == 1 or failures % 10 == 0:
+                    log.warning(
+                        "heartbeat_failed",
+                        code=err.code().name if err.code() else "UNKNOWN",
+                        error=err.details(),
+                        consecutive_failures=failures,
+                        check="is the controller running and reachable at --controller?",
+                    )
+            else:
+                if failures:
+                    log.info("heartbeat_restored", after_failures=failures)
+                failures = 0
+
+            try:
+                await asyncio.wait_for(self._wake.wait(), timeout=self.interval)
+            except TimeoutError:
+                pass
+            self._wake.clear()
+
+    async def send(self) -> None:
+        request = await asyncio.to_thread(self._request)
+        response = await self._stub.Heartbeat(request, timeout=self.interval * _DEADLINE_INTERVALS)
+        if response.interval_seconds > 0:
+            self.interval = response.interval_seconds
+
+    def _request(self) -> hosts_pb2.HeartbeatRequest:
+        return hosts_pb2.HeartbeatRequest(
+            host=self._identity.name,
+            agent_address=self._identity.agent_address,
+            agent_version=__version__,
+            iommu_enabled=self._sysfs.iommu_enabled(),
+            vfio_available=self._sysfs.vfio_available(),
+            simulated=self._identity.simulated,
+            functions=[function_to_proto(f) for f in self._sysfs.list_functions()],
+        )

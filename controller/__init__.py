@@ -1,0 +1,1 @@
+"""devpass controller: the fleet registry and its gRPC API."""

@@ -1,0 +1,111 @@
+"""The registry: the stored truth for device names, ids and ownership.
+
+Backends enforce the uniqueness of names and of (host, pci_address) with their own
+constraints, so two writers can never both win a name.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Protocol
+
+from devpass.errors import DeviceAlreadyRegistered, NameTaken
+
+
+@dataclass(frozen=True)
+class DeviceRecord:
+    """A registered device as stored; live state (driver, presence) is not part of it."""
+
+    id: str
+    name: str
+    host: str
+    pci_address: str
+    type: str
+    vendor_id: str
+    device_id: str
+    subsystem_vendor_id: str
+    subsystem_device_id: str
+    class_code: str
+    serial_number: str
+    vendor_name: str
+    device_name: str
+    iommu_group: int | None
+    numa_node: int
+    created_at: datetime
+    attached_to: str = ""
+    stale: bool = False
+    # Insertion order, assigned by the backend; pagination walks it.
+    seq: int = 0
+
+
+@dataclass(frozen=True)
+class HostRecord:
+    """What the controller stores about a host between its agent's heartbeats."""
+
+    name: str
+    agent_address: str
+    agent_version: str
+    iommu_enabled: bool
+    vfio_available: bool
+    simulated: bool
+    last_heartbeat: datetime
+
+
+class Registry(Protocol):
+    """Storage of devices and hosts; every method is safe to call concurrently."""
+
+    async def open(self) -> None:
+        """Connect and apply pending schema migrations."""
+
+    async def close(self) -> None: ...
+
+    async def add_device(self, record: DeviceRecord) -> DeviceRecord:
+        """Store a new device and return it with its `seq`.
+
+        Raises:
+            NameTaken: another device has the name.
+            DeviceAlreadyRegistered: the host's address is registered already.
+        """
+
+    async def find_device(self, id_or_name: str) -> DeviceRecord | None:
+        """Return the device whose id or name is `id_or_name`."""
+
+    async def device_at(self, host: str, pci_address: str) -> DeviceRecord | None: ...
+
+    async def list_devices(
+        self, *, host: str, type: str, after_seq: int, limit: int
+    ) -> list[DeviceRecord]:
+        """List devices with `seq` above `after_seq` in `seq` order; empty filters match all."""
+
+    async def remove_device(self, device_id: str) -> bool:
+        """Delete the device; return whether it existed."""
+
+    async def save_host(self, host: HostRecord) -> None:
+        """Insert or update the host under its name."""
+
+    async def list_hosts(self) -> list[HostRecord]: ...
+
+
+def name_taken(name: str, owner: DeviceRecord) -> NameTaken:
+    """Build the error for a name that `owner` already has."""
+    return NameTaken(
+        f"name {name!r} is already taken by device {owner.pci_address} on host {owner.host} "
+        f"(id {owner.id}); choose another name or unregister that device",
+        name=name,
+        owner_id=owner.id,
+        owner_host=owner.host,
+        owner_pci_address=owner.pci_address,
+    )
+
+
+def already_registered(owner: DeviceRecord) -> DeviceAlreadyRegistered:
+    """Build the error for an address that `owner` already registers."""
+    return DeviceAlreadyRegistered(
+        f"{owner.pci_address} on host {owner.host} is already registered as {owner.name!r} "
+        f"(id {owner.id}); use that entry, or unregister it first",
+        host=owner.host,
+        pci_address=owner.pci_address,
+        owner_id=owner.id,
+        owner_name=owner.name,
+    )

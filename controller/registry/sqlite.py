@@ -1,0 +1,301 @@
+"""The default registry backend: one SQLite file, no server to run.
+
+Durability: WAL journal with `synchronous=FULL`, so the WAL is fsynced at every commit
+and an acknowledged registration survives a power cut, not only a process crash.
+All statements run on one worker thread that owns the connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, TypeVar
+
+import structlog
+
+from controller.registry import DeviceRecord, HostRecord, already_registered, name_taken
+from devpass.errors import RegistryUnavailable
+
+T = TypeVar("T")
+log = structlog.get_logger()
+
+# Versioned schema changes, applied in order at start; never edit one that has shipped.
+MIGRATIONS: list[tuple[int, str]] = [
+    (
+        1,
+        """
+        CREATE TABLE devices (
+            seq INTEGER PRIMARY KEY AUTOINCREMENT,
+            id TEXT NOT NULL UNIQUE,
+            name TEXT NOT NULL UNIQUE,
+            host TEXT NOT NULL,
+            pci_address TEXT NOT NULL,
+            type TEXT NOT NULL,
+            vendor_id TEXT NOT NULL,
+            device_id TEXT NOT NULL,
+            subsystem_vendor_id TEXT NOT NULL,
+            subsystem_device_id TEXT NOT NULL,
+            class_code TEXT NOT NULL,
+            serial_number TEXT NOT NULL,
+            vendor_name TEXT NOT NULL,
+            device_name TEXT NOT NULL,
+            iommu_group INTEGER,
+            numa_node INTEGER NOT NULL,
+            attached_to TEXT NOT NULL DEFAULT '',
+            stale INTEGER NOT NULL DEFAULT 0,
+            created_at TEXT NOT NULL,
+            UNIQUE (host, pci_address)
+        );
+        CREATE INDEX devices_host ON devices (host, seq);
+        CREATE TABLE hosts (
+            name TEXT PRIMARY KEY,
+            agent_address TEXT NOT NULL,
+            agent_version TEXT NOT NULL,
+            iommu_enabled INTEGER NOT NULL,
+            vfio_available INTEGER NOT NULL,
+            simulated INTEGER NOT NULL,
+            last_heartbeat TEXT NOT NULL
+        );
+        """,
+    ),
+]
+
+_DEVICE_COLUMNS = (
+    "seq, id, name, host, pci_address, type, vendor_id, device_id, subsystem_vendor_id, "
+    "subsystem_device_id, class_code, serial_number, vendor_name, device_name, iommu_group, "
+    "numa_node, attached_to, stale, created_at"
+)
+
+
+class SqliteRegistry:
+    """Registry in one SQLite file; the file and its directory are created on first open."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sqlite")
+        self._connection: sqlite3.Connection | None = None
+
+    async def open(self) -> None:
+        await self._run(self._open)
+
+    async def close(self) -> None:
+        await self._run(self._close)
+        self._executor.shutdown(wait=True)
+
+    async def add_device(self, record: DeviceRecord) -> DeviceRecord:
+        return await self._run(self._add_device, record)
+
+    async def find_device(self, id_or_name: str) -> DeviceRecord | None:
+        return await self._run(
+            self._one_device, "id = ? OR name = ?", (id_or_name, id_or_name)
+        )
+
+    async def device_at(self, host: str, pci_address: str) -> DeviceRecord | None:
+        return await self._run(
+            self._one_device, "host = ? AND pci_address = ?", (host, pci_address)
+        )
+
+    async def list_devices(
+        self, *, host: str, type: str, after_seq: int, limit: int
+    ) -> list[DeviceRecord]:
+        return await self._run(self._list_devices, host, type, after_seq, limit)
+
+    async def remove_device(self, device_id: str) -> bool:
+        return await self._run(self._remove_device, device_id)
+
+    async def save_host(self, host: HostRecord) -> None:
+        await self._run(self._save_host, host)
+
+    async def list_hosts(self) -> list[HostRecord]:
+        return await self._run(self._list_hosts)
+
+    async def _run(self, function: Callable[..., T], *args: Any) -> T:
+        loop = asyncio.get_running_loop()
+        try:
+            return await loop.run_in_executor(self._executor, function, *args)
+        except sqlite3.OperationalError as err:
+            raise RegistryUnavailable(
+                f"the registry database {self.path} failed: {err}; check the file's disk and permissions",
+                database=str(self.path),
+            ) from err
+
+    def _open(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        # isolation_level=None: transactions are explicit, so each statement's commit is known.
+        connection = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        connection.row_factory = sqlite3.Row
+        connection.execute("PRAGMA journal_mode=WAL")
+        connection.execute("PRAGMA synchronous=FULL")
+        connection.execute("PRAGMA busy_timeout=5000")
+        self._connection = connection
+        self._migrate()
+        log.info("registry_opened", backend="sqlite", path=str(self.path))
+
+    def _close(self) -> None:
+        if self._connection is not None:
+            self._connection.close()
+            self._connection = None
+
+    def _migrate(self) -> None:
+        connection = self._db()
+        # BEGIN IMMEDIATE takes the write lock first, so two controllers starting on one
+        # file apply each migration once.
+        connection.execute("BEGIN IMMEDIATE")
+        try:
+            connection.execute(
+                "CREATE TABLE IF NOT EXISTS schema_migrations "
+                "(version INTEGER PRIMARY KEY, applied_at TEXT NOT NULL)"
+            )
+            applied = {row[0] for row in connection.execute("SELECT version FROM schema_migrations")}
+            for version, script in MIGRATIONS:
+                if version in applied:
+                    continue
+                for statement in filter(str.strip, script.split(";")):
+                    connection.execute(statement)
+                connection.execute(
+                    "INSERT INTO schema_migrations (version, applied_at) VALUES (?, ?)",
+                    (version, _now()),
+                )
+                log.info("registry_migrated", backend="sqlite", version=version)
+            connection.execute("COMMIT")
+        except BaseException:
+            connection.execute("ROLLBACK")
+            raise
+
+    def _db(self) -> sqlite3.Connection:
+        if self._connection is None:
+            raise RuntimeError("registry used before open()")
+
+        return self._connection
+
+    def _add_device(self, record: DeviceRecord) -> DeviceRecord:
+        try:
+            cursor = self._db().execute(
+                f"INSERT INTO devices ({_DEVICE_COLUMNS}) VALUES "
+                "(NULL, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    record.id,
+                    record.name,
+                    record.host,
+                    record.pci_address,
+                    record.type,
+                    record.vendor_id,
+                    record.device_id,
+                    record.subsystem_vendor_id,
+                    record.subsystem_device_id,
+                    record.class_code,
+                    record.serial_number,
+                    record.vendor_name,
+                    record.device_name,
+                    record.iommu_group,
+                    record.numa_node,
+                    record.attached_to,
+                    int(record.stale),
+                    record.created_at.isoformat(),
+                ),
+            )
+        except sqlite3.IntegrityError as err:
+            raise self._conflict(record, err) from err
+
+        return self._one_device("seq = ?", (cursor.lastrowid,)) or record
+
+    def _conflict(self, record: DeviceRecord, err: sqlite3.IntegrityError) -> Exception:
+        """Name the owner of whichever unique constraint the insert broke."""
+        at_address = self._one_device(
+            "host = ? AND pci_address = ?", (record.host, record.pci_address)
+        )
+        if at_address is not None:
+            return already_registered(at_address)
+        named = self._one_device("name = ?", (record.name,))
+        if named is not None:
+            return name_taken(record.name, named)
+
+        return err
+
+    def _one_device(self, where: str, params: tuple[Any, ...]) -> DeviceRecord | None:
+        row = self._db().execute(
+            f"SELECT {_DEVICE_COLUMNS} FROM devices WHERE {where} LIMIT 1", params
+        ).fetchone()
+
+        return _device(row) if row is not None else None
+
+    def _list_devices(self, host: str, type: str, after_seq: int, limit: int) -> list[DeviceRecord]:
+        rows = self._db().execute(
+            f"SELECT {_DEVICE_COLUMNS} FROM devices WHERE seq > ? "
+            "AND (? = '' OR host = ?) AND (? = '' OR type = ?) ORDER BY seq LIMIT ?",
+            (after_seq, host, host, type, type, limit),
+        )
+
+        return [_device(row) for row in rows]
+
+    def _remove_device(self, device_id: str) -> bool:
+        cursor = self._db().execute("DELETE FROM devices WHERE id = ?", (device_id,))
+
+        return cursor.rowcount > 0
+
+    def _save_host(self, host: HostRecord) -> None:
+        self._db().execute(
+            "INSERT INTO hosts (name, agent_address, agent_version, iommu_enabled, "
+            "vfio_available, simulated, last_heartbeat) VALUES (?, ?, ?, ?, ?, ?, ?) "
+            "ON CONFLICT (name) DO UPDATE SET agent_address = excluded.agent_address, "
+            "agent_version = excluded.agent_version, iommu_enabled = excluded.iommu_enabled, "
+            "vfio_available = excluded.vfio_available, simulated = excluded.simulated, "
+            "last_heartbeat = excluded.last_heartbeat",
+            (
+                host.name,
+                host.agent_address,
+                host.agent_version,
+                int(host.iommu_enabled),
+                int(host.vfio_available),
+                int(host.simulated),
+                host.last_heartbeat.isoformat(),
+            ),
+        )
+
+    def _list_hosts(self) -> list[HostRecord]:
+        rows = self._db().execute("SELECT * FROM hosts ORDER BY name")
+
+        return [
+            HostRecord(
+                name=row["name"],
+                agent_address=row["agent_address"],
+                agent_version=row["agent_version"],
+                iommu_enabled=bool(row["iommu_enabled"]),
+                vfio_available=bool(row["vfio_available"]),
+                simulated=bool(row["simulated"]),
+                last_heartbeat=datetime.fromisoformat(row["last_heartbeat"]),
+            )
+            for row in rows
+        ]
+
+
+def _device(row: sqlite3.Row) -> DeviceRecord:
+    return DeviceRecord(
+        seq=row["seq"],
+        id=row["id"],
+        name=row["name"],
+        host=row["host"],
+        pci_address=row["pci_address"],
+        type=row["type"],
+        vendor_id=row["vendor_id"],
+        device_id=row["device_id"],
+        subsystem_vendor_id=row["subsystem_vendor_id"],
+        subsystem_device_id=row["subsystem_device_id"],
+        class_code=row["class_code"],
+        serial_number=row["serial_number"],
+        vendor_name=row["vendor_name"],
+        device_name=row["device_name"],
+        iommu_group=row["iommu_group"],
+        numa_node=row["numa_node"],
+        attached_to=row["attached_to"],
+        stale=bool(row["stale"]),
+        created_at=datetime.fromisoformat(row["created_at"]),
+    )
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat()

@@ -1,0 +1,199 @@
+"""gRPC servicers of the controller: protobuf in, domain calls, protobuf out."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+import grpc
+from google.protobuf import timestamp_pb2
+
+from controller.agents import FunctionReport
+from controller.devices import Candidate, Devices, DeviceView
+from controller.hosts import FunctionState, HostDirectory, HostReport
+from controller.registry import HostRecord
+from devpass.names import validate_host_name
+from devpass.v1 import devices_pb2, devices_pb2_grpc, hosts_pb2, hosts_pb2_grpc, pci_pb2
+
+
+class DeviceServicer(devices_pb2_grpc.DeviceServiceServicer):  # type: ignore[misc]
+    def __init__(self, devices: Devices) -> None:
+        self._devices = devices
+
+    async def RegisterDevice(
+        self, request: devices_pb2.RegisterDeviceRequest, context: grpc.aio.ServicerContext
+    ) -> devices_pb2.Device:
+        view = await self._devices.register(request.host, request.pci_address, request.name)
+
+        return device_to_proto(view)
+
+    async def GetDevice(
+        self, request: devices_pb2.GetDeviceRequest, context: grpc.aio.ServicerContext
+    ) -> devices_pb2.Device:
+        return device_to_proto(await self._devices.get(request.id_or_name))
+
+    async def ListDevices(
+        self, request: devices_pb2.ListDevicesRequest, context: grpc.aio.ServicerContext
+    ) -> devices_pb2.ListDevicesResponse:
+        views, next_token = await self._devices.list(
+            host=request.host,
+            type=request.type,
+            page_size=request.page_size,
+            page_token=request.page_token,
+        )
+
+        return devices_pb2.ListDevicesResponse(
+            devices=[device_to_proto(v) for v in views], next_page_token=next_token
+        )
+
+    async def UnregisterDevice(
+        self, request: devices_pb2.UnregisterDeviceRequest, context: grpc.aio.ServicerContext
+    ) -> devices_pb2.UnregisterDeviceResponse:
+        view = await self._devices.unregister(request.id_or_name)
+
+        return devices_pb2.UnregisterDeviceResponse(device=device_to_proto(view))
+
+    async def ListAvailableDevices(
+        self, request: devices_pb2.ListAvailableDevicesRequest, context: grpc.aio.ServicerContext
+    ) -> devices_pb2.ListAvailableDevicesResponse:
+        candidates, failures = await self._devices.available(request.host)
+
+        return devices_pb2.ListAvailableDevicesResponse(
+            devices=[_candidate_to_proto(c) for c in candidates],
+            unreachable_hosts=[
+                devices_pb2.HostError(host=f.host, reason=f.error.reason, message=f.error.message)
+                for f in failures
+            ],
+        )
+
+
+class HostServicer(hosts_pb2_grpc.HostServiceServicer):  # type: ignore[misc]
+    def __init__(self, hosts: HostDirectory) -> None:
+        self._hosts = hosts
+
+    async def Heartbeat(
+        self, request: hosts_pb2.HeartbeatRequest, context: grpc.aio.ServicerContext
+    ) -> hosts_pb2.HeartbeatResponse:
+        validate_host_name(request.host)
+        record = HostRecord(
+            name=request.host,
+            agent_address=request.agent_address,
+            agent_version=request.agent_version,
+            iommu_enabled=request.iommu_enabled,
+            vfio_available=request.vfio_available,
+            simulated=request.simulated,
+            last_heartbeat=datetime.now(UTC),
+        )
+        functions = {
+            f.pci_address: FunctionState(driver=f.driver, bound_to_vfio=f.bound_to_vfio)
+            for f in request.functions
+        }
+        await self._hosts.heartbeat(HostReport(record, functions))
+
+        return hosts_pb2.HeartbeatResponse(interval_seconds=self._hosts.interval)
+
+    async def ListHosts(
+        self, request: hosts_pb2.ListHostsRequest, context: grpc.aio.ServicerContext
+    ) -> hosts_pb2.ListHostsResponse:
+        hosts = []
+        for state in self._hosts.hosts():
+            record = state.record
+            hosts.append(
+                hosts_pb2.Host(
+                    name=record.name,
+                    agent_address=record.agent_address,
+                    agent_version=record.agent_version,
+                    iommu_enabled=record.iommu_enabled,
+                    vfio_available=record.vfio_available,
+                    simulated=record.simulated,
+                    available=self._hosts.is_available(state),
+                    last_heartbeat=_timestamp(record.last_heartbeat),
+                    heartbeat_age_seconds=round(self._hosts.heartbeat_age(state), 3),
+                    pci_function_count=len(state.functions),
+                )
+            )
+
+        return hosts_pb2.ListHostsResponse(hosts=hosts)
+
+
+def device_to_proto(view: DeviceView) -> devices_pb2.Device:
+    record = view.record
+    message = devices_pb2.Device(
+        id=record.id,
+        name=record.name,
+        type=record.type,
+        pci_address=record.pci_address,
+        vendor_id=record.vendor_id,
+        device_id=record.device_id,
+        bound_to_vfio=view.bound_to_vfio,
+        attached_to=record.attached_to,
+        created_at=_timestamp(record.created_at),
+        host=record.host,
+        vendor_name=record.vendor_name,
+        device_name=record.device_name,
+        driver=view.driver,
+        numa_node=record.numa_node,
+        subsystem_vendor_id=record.subsystem_vendor_id,
+        subsystem_device_id=record.subsystem_device_id,
+        class_code=record.class_code,
+        present=view.present,
+        stale=record.stale,
+        simulated=view.simulated,
+        host_available=view.host_available,
+    )
+    if record.iommu_group is not None:
+        message.iommu_group = record.iommu_group
+    if view.observed_at is not None:
+        message.state_observed_at.CopyFrom(_timestamp(view.observed_at))
+
+    return message
+
+
+def function_to_proto(function: FunctionReport) -> pci_pb2.PciFunction:
+    message = pci_pb2.PciFunction(
+        pci_address=function.pci_address,
+        vendor_id=function.vendor_id,
+        device_id=function.device_id,
+        subsystem_vendor_id=function.subsystem_vendor_id,
+        subsystem_device_id=function.subsystem_device_id,
+        class_code=function.class_code,
+        revision=function.revision,
+        driver=function.driver,
+        driver_override=function.driver_override,
+        numa_node=function.numa_node,
+        vendor_name=function.vendor_name,
+        device_name=function.device_name,
+        physfn=function.physfn,
+        virtfns=list(function.virtfns),
+        boot_vga=function.boot_vga,
+        type=function.type,
+        bound_to_vfio=function.bound_to_vfio,
+    )
+    if function.iommu_group is not None:
+        message.iommu_group = function.iommu_group
+
+    return message
+
+
+def _candidate_to_proto(candidate: Candidate) -> devices_pb2.AvailableDevice:
+    blockers = candidate.function.blockers
+
+    return devices_pb2.AvailableDevice(
+        host=candidate.host,
+        function=function_to_proto(candidate.function),
+        assignability=pci_pb2.Assignability(
+            assignable=not blockers,
+            blockers=[
+                pci_pb2.Blocker(reason=b.reason, message=b.message, pci_addresses=list(b.pci_addresses))
+                for b in blockers
+            ],
+        ),
+        registered_name=candidate.registered_name,
+        simulated=candidate.simulated,
+    )
+
+
+def _timestamp(moment: datetime) -> timestamp_pb2.Timestamp:
+    stamp = timestamp_pb2.Timestamp()
+    stamp.FromDatetime(moment)
+
+    return stamp
