@@ -1,0 +1,3 @@
+from devpass.cli import main
+
+main()

@@ -1,0 +1,268 @@
+"""The `devpass` command: start a local fleet, and register and inspect devices."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import grpc
+from google.protobuf import json_format
+from google.protobuf.message import Message
+
+from devpass import client, errors
+from devpass.v1 import devices_pb2, devices_pb2_grpc, hosts_pb2, hosts_pb2_grpc
+
+# Exit status of a call the controller rejected or could not serve.
+EXIT_REJECTED = 1
+# Exit status of a command line that argparse rejected.
+EXIT_USAGE = 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="devpass", description=__doc__)
+    parser.add_argument(
+        "--controller",
+        help=f"controller address host:port (default: ${client.CONTROLLER_ENV} or {client.DEFAULT_CONTROLLER})",
+    )
+    parser.add_argument("-o", "--output", choices=("table", "json"), default="table", help="output format")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    up = commands.add_parser("up", help="start a controller and agents on this machine")
+    up.add_argument("--simulate", type=Path, nargs="+", metavar="FILE", help="start one agent per simulated host description instead of one for this machine")
+    up.add_argument("--state-dir", type=Path, help="directory for the registry, logs and simulated trees (default: ~/.local/state/devpass)")
+    up.add_argument("--listen", default=client.DEFAULT_CONTROLLER, help="controller listen address")
+    up.add_argument("--sysfs-root", type=Path, default=Path("/sys"), help="sysfs root of this machine's agent")
+    up.set_defaults(handler=_up)
+
+    devices = commands.add_parser("devices", help="register and inspect devices").add_subparsers(dest="action", required=True)
+    register = devices.add_parser("register", help="register a PCI device under a fleet-wide name")
+    register.add_argument("pci_address", help="address such as 0000:a2:00.0 or a2:00.0")
+    register.add_argument("--host", default="", help="host of the device; optional when one host is connected")
+    register.add_argument("--name", default="", help="device name; generated from the address when left out")
+    register.set_defaults(handler=_register)
+
+    listing = devices.add_parser("list", help="list registered devices")
+    listing.add_argument("--host", default="", help="only devices of this host")
+    listing.add_argument("--type", default="", choices=("", "gpu", "pci"), help="only devices of this type")
+    listing.add_argument("--page-size", type=int, default=0, help="devices per page; with it, only one page is shown")
+    listing.add_argument("--page-token", default="", help="token of the page to show, from a previous page")
+    listing.set_defaults(handler=_list)
+
+    get = devices.add_parser("get", help="show one device")
+    get.add_argument("id_or_name")
+    get.set_defaults(handler=_get)
+
+    delete = devices.add_parser("delete", help="unregister a device")
+    delete.add_argument("id_or_name")
+    delete.set_defaults(handler=_delete)
+
+    available = devices.add_parser("available", help="list the PCI functions hosts offer, and what blocks them")
+    available.add_argument("--host", default="", help="only this host (default: every available host)")
+    available.set_defaults(handler=_available)
+
+    hosts = commands.add_parser("hosts", help="inspect hosts").add_subparsers(dest="action", required=True)
+    hosts.add_parser("list", help="list hosts and their state").set_defaults(handler=_hosts)
+
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    try:
+        args.handler(args)
+    except errors.DevpassError as err:
+        _report_error(args, err.code, err.reason, err.message, err.metadata)
+        raise SystemExit(EXIT_REJECTED) from None
+    except grpc.RpcError as err:
+        domain_error = errors.from_rpc_error(err)
+        if domain_error is not None:
+            _report_error(args, domain_error.code, domain_error.reason, domain_error.message, domain_error.metadata)
+        else:
+            code = err.code()
+            hint = ""
+            if code == grpc.StatusCode.UNAVAILABLE:
+                hint = f" (is the controller running at {client.controller_address(args.controller)}?)"
+            _report_error(args, code, code.name, f"{err.details()}{hint}", {})
+        raise SystemExit(EXIT_REJECTED) from None
+
+
+def _report_error(args: argparse.Namespace, code: grpc.StatusCode, reason: str, message: str, metadata: dict[str, str]) -> None:
+    if args.output == "json":
+        body = {"error": {"code": code.name, "reason": reason, "message": message, "metadata": metadata}}
+        print(json.dumps(body, indent=2), file=sys.stderr)
+    else:
+        print(f"error: {reason}: {message}", file=sys.stderr)
+
+
+def _devices_stub(args: argparse.Namespace) -> devices_pb2_grpc.DeviceServiceStub:
+    return devices_pb2_grpc.DeviceServiceStub(client.connect(client.controller_address(args.controller)))
+
+
+def _register(args: argparse.Namespace) -> None:
+    device = _devices_stub(args).RegisterDevice(
+        devices_pb2.RegisterDeviceRequest(host=args.host, pci_address=args.pci_address, name=args.name)
+    )
+    _print_devices(args, [device], single=True)
+
+
+def _list(args: argparse.Namespace) -> None:
+    stub = _devices_stub(args)
+    request = devices_pb2.ListDevicesRequest(
+        host=args.host, type=args.type, page_size=args.page_size, page_token=args.page_token
+    )
+    one_page = bool(args.page_size or args.page_token)
+    devices: list[devices_pb2.Device] = []
+    while True:
+        response = stub.ListDevices(request)
+        devices.extend(response.devices)
+        if one_page or not response.next_page_token:
+            break
+        request.page_token = response.next_page_token
+
+    if args.output == "json":
+        body: dict[str, Any] = {"devices": [_to_dict(d) for d in devices]}
+        if one_page:
+            body["next_page_token"] = response.next_page_token
+        _print_json(body)
+        return
+    _print_devices(args, devices)
+    if one_page and response.next_page_token:
+        print(f"next page: --page-token {response.next_page_token}")
+
+
+def _get(args: argparse.Namespace) -> None:
+    device = _devices_stub(args).GetDevice(devices_pb2.GetDeviceRequest(id_or_name=args.id_or_name))
+    _print_devices(args, [device], single=True)
+
+
+def _delete(args: argparse.Namespace) -> None:
+    response = _devices_stub(args).UnregisterDevice(
+        devices_pb2.UnregisterDeviceRequest(id_or_name=args.id_or_name)
+    )
+    if args.output == "json":
+        _print_json(_to_dict(response))
+        return
+    print(f"unregistered {response.device.name} ({response.device.pci_address} on {response.device.host})")
+
+
+def _available(args: argparse.Namespace) -> None:
+    response = _devices_stub(args).ListAvailableDevices(devices_pb2.ListAvailableDevicesRequest(host=args.host))
+    if args.output == "json":
+        _print_json(_to_dict(response))
+        return
+
+    rows = []
+    for entry in response.devices:
+        function = entry.function
+        rows.append(
+            [
+                entry.host,
+                function.pci_address,
+                f"{function.vendor_id}:{function.device_id}",
+                function.type,
+                _group(function),
+                function.driver or "-",
+                entry.registered_name or "-",
+                "yes" if entry.assignability.assignable else "no: " + ", ".join(b.reason for b in entry.assignability.blockers),
+                _describe(function.vendor_name, function.device_name),
+            ]
+        )
+    _print_table(["HOST", "PCI ADDRESS", "ID", "TYPE", "GROUP", "DRIVER", "REGISTERED", "ASSIGNABLE", "DESCRIPTION"], rows)
+    for failure in response.unreachable_hosts:
+        print(f"warning: host {failure.host} not listed: {failure.reason}: {failure.message}", file=sys.stderr)
+
+
+def _hosts(args: argparse.Namespace) -> None:
+    stub = hosts_pb2_grpc.HostServiceStub(client.connect(client.controller_address(args.controller)))
+    response = stub.ListHosts(hosts_pb2.ListHostsRequest())
+    if args.output == "json":
+        _print_json(_to_dict(response))
+        return
+
+    rows = [
+        [
+            host.name + (" (simulated)" if host.simulated else ""),
+            "available" if host.available else "unavailable",
+            f"{host.heartbeat_age_seconds:.1f}s",
+            host.agent_version,
+            "on" if host.iommu_enabled else "off",
+            "yes" if host.vfio_available else "no",
+            str(host.pci_function_count),
+            host.agent_address,
+        ]
+        for host in response.hosts
+    ]
+    _print_table(["HOST", "STATE", "HEARTBEAT AGE", "AGENT", "IOMMU", "VFIO", "FUNCTIONS", "AGENT ADDRESS"], rows)
+
+
+def _up(args: argparse.Namespace) -> None:
+    from devpass.up import run_local_fleet
+
+    run_local_fleet(args)
+
+
+def _print_devices(args: argparse.Namespace, devices: list[devices_pb2.Device], single: bool = False) -> None:
+    if args.output == "json":
+        _print_json(_to_dict(devices[0]) if single else {"devices": [_to_dict(d) for d in devices]})
+        return
+
+    rows = [
+        [
+            device.name,
+            device.host,
+            device.pci_address,
+            device.type,
+            f"{device.vendor_id}:{device.device_id}",
+            _group(device),
+            device.driver or "-",
+            "yes" if device.bound_to_vfio else "no",
+            device.attached_to or "-",
+            _state(device),
+            device.id,
+        ]
+        for device in devices
+    ]
+    _print_table(["NAME", "HOST", "PCI ADDRESS", "TYPE", "ID", "GROUP", "DRIVER", "VFIO", "ATTACHED", "STATE", "DEVICE ID"], rows)
+
+
+def _state(device: devices_pb2.Device) -> str:
+    if device.stale:
+        return "stale"
+    if not device.host_available:
+        return "host unavailable"
+    if not device.present:
+        return "absent"
+
+    return "simulated" if device.simulated else "ok"
+
+
+def _group(message: Any) -> str:
+    return str(message.iommu_group) if message.HasField("iommu_group") else "-"
+
+
+def _describe(vendor: str, device: str) -> str:
+    return " ".join(part for part in (vendor, device) if part) or "-"
+
+
+def _to_dict(message: Message) -> dict[str, Any]:
+    return json_format.MessageToDict(
+        message, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
+    )
+
+
+def _print_json(body: Any) -> None:
+    print(json.dumps(body, indent=2))
+
+
+def _print_table(headers: list[str], rows: list[list[str]], write: Callable[[str], None] = print) -> None:
+    widths = [max(len(str(cell)) for cell in column) for column in zip(headers, *rows, strict=False)]
+    for row in [headers, *rows]:
+        write("  ".join(str(cell).ljust(width) for cell, width in zip(row, widths, strict=False)).rstrip())
+
+
+if __name__ == "__main__":
+    main()
