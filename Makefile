@@ -33,6 +33,8 @@ run: system-deps venv
 	$(BIN)/devpass up --state-dir $(STATE_DIR)
 
 test: system-deps venv
+	$(BIN)/ruff check devpass controller agent tests
+	$(BIN)/mypy devpass controller agent
 	$(PY) -m pytest -q
 
 protos: venv

@@ -29,17 +29,38 @@ SERVICE_NAMES = [agent_pb2.DESCRIPTOR.services_by_name["AgentService"].full_name
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="devpass-agent", description=__doc__)
     parser.add_argument("--controller", default="127.0.0.1:50051", help="controller address, host:port")
-    parser.add_argument("--listen", default="127.0.0.1:0", help="address to serve AgentService on; port 0 picks a free port")
-    parser.add_argument("--advertise", help="address the controller dials to reach this agent (default: the listen address)")
+    parser.add_argument(
+        "--listen", default="127.0.0.1:0", help="address to serve AgentService on; port 0 picks a free port"
+    )
+    parser.add_argument(
+        "--advertise", help="address the controller dials to reach this agent (default: the listen address)"
+    )
     parser.add_argument("--host-name", help="name of this host in the fleet (default: the system host name)")
-    parser.add_argument("--sysfs-root", type=Path, default=REAL_SYSFS_ROOT, help="root of the sysfs tree to read")
-    parser.add_argument("--simulate", type=Path, metavar="FILE", help="serve a simulated host built from this YAML description")
-    parser.add_argument("--simulate-dir", type=Path, help="directory for the simulated tree (default: a new temporary directory)")
-    parser.add_argument("--pci-ids", type=Path, help="path of the pci.ids database (default: /usr/share/misc/pci.ids)")
+    parser.add_argument(
+        "--sysfs-root", type=Path, default=REAL_SYSFS_ROOT, help="root of the sysfs tree to read"
+    )
+    parser.add_argument(
+        "--simulate",
+        type=Path,
+        metavar="FILE",
+        help="serve a simulated host built from this YAML description",
+    )
+    parser.add_argument(
+        "--simulate-dir",
+        type=Path,
+        help="directory for the simulated tree (default: a new temporary directory)",
+    )
+    parser.add_argument(
+        "--pci-ids", type=Path, help="path of the pci.ids database (default: /usr/share/misc/pci.ids)"
+    )
     parser.add_argument("--ready-file", type=Path, help="write the bound address as JSON here once serving")
-    parser.add_argument("--insecure", action="store_true", help="allow a plaintext listen address that is not loopback")
+    parser.add_argument(
+        "--insecure", action="store_true", help="allow a plaintext listen address that is not loopback"
+    )
     parser.add_argument("--log-level", default="info")
-    parser.add_argument("--log-json", action="store_true", default=None, help="write JSON logs even on a terminal")
+    parser.add_argument(
+        "--log-json", action="store_true", default=None, help="write JSON logs even on a terminal"
+    )
 
     return parser
 

@@ -12,7 +12,7 @@ from devpass.pci import PciAddress
 from devpass.v1 import agent_pb2, agent_pb2_grpc, pci_pb2
 
 
-class AgentServicer(agent_pb2_grpc.AgentServiceServicer):  # type: ignore[misc]
+class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
     """Serve reads of the host's PCI functions; sysfs reads run in worker threads."""
 
     def __init__(self, sysfs: Sysfs) -> None:

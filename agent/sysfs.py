@@ -185,7 +185,9 @@ class Sysfs:
                 raise
             return default
 
-    def _read_hex_id(self, device_dir: Path, attribute: str, default: str | None = None, width: int = 4) -> str:
+    def _read_hex_id(
+        self, device_dir: Path, attribute: str, default: str | None = None, width: int = 4
+    ) -> str:
         value = self._read(device_dir, attribute, default)
 
         return f"{int(value, 16):0{width}x}"

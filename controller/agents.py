@@ -101,7 +101,10 @@ class AgentClients:
         )
 
     def _call(
-        self, host: str, address: str, method: Callable[[agent_pb2_grpc.AgentServiceStub], Callable[..., Awaitable[T]]]
+        self,
+        host: str,
+        address: str,
+        method: Callable[[agent_pb2_grpc.AgentServiceStub], Callable[..., Awaitable[T]]],
     ) -> Callable[[object], Awaitable[T]]:
         stub = agent_pb2_grpc.AgentServiceStub(self._channel(address))
         bound = method(stub)
@@ -168,7 +171,6 @@ def _report(response: agent_pb2.InspectFunctionResponse) -> FunctionReport:
         bound_to_vfio=function.bound_to_vfio,
         serial_number=response.serial_number,
         blockers=tuple(
-            Blocker(b.reason, b.message, tuple(b.pci_addresses))
-            for b in response.assignability.blockers
+            Blocker(b.reason, b.message, tuple(b.pci_addresses)) for b in response.assignability.blockers
         ),
     )

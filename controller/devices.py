@@ -120,9 +120,7 @@ class Devices:
             # Another device owns the plain generated name, most often the same address on
             # another host, so this one is qualified by its host.
             qualified = host_qualified_name(address, state.name)
-            return await self._registry.add_device(
-                _new_record(state.name, address, function, qualified)
-            )
+            return await self._registry.add_device(_new_record(state.name, address, function, qualified))
 
     async def get(self, id_or_name: str) -> DeviceView:
         """Return the device with this id or name.
@@ -132,7 +130,7 @@ class Devices:
         """
         return self._view(await self._find(id_or_name))
 
-    async def list(
+    async def list_devices(
         self, *, host: str, type: str, page_size: int, page_token: str
     ) -> tuple[list[DeviceView], str]:
         """Return one page of devices in registration order and the token of the next page.
@@ -147,7 +145,9 @@ class Devices:
                 type=type,
             )
         if page_size < 0:
-            raise InvalidArgument(f"invalid page_size {page_size}: use 0 for the default or a positive number")
+            raise InvalidArgument(
+                f"invalid page_size {page_size}: use 0 for the default or a positive number"
+            )
 
         limit = min(page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
         after = _decode_page_token(page_token, host=host, type=type)
@@ -167,8 +167,7 @@ class Devices:
         record = await self._find(id_or_name)
         if record.attached_to:
             raise DeviceInUse(
-                f"device {record.name!r} is attached to instance {record.attached_to}; "
-                "detach it first",
+                f"device {record.name!r} is attached to instance {record.attached_to}; detach it first",
                 device_id=record.id,
                 attached_to=record.attached_to,
             )
@@ -227,7 +226,9 @@ class Devices:
         names: dict[str, str] = {}
         after = 0
         while True:
-            records = await self._registry.list_devices(host=host, type="", after_seq=after, limit=MAX_PAGE_SIZE)
+            records = await self._registry.list_devices(
+                host=host, type="", after_seq=after, limit=MAX_PAGE_SIZE
+            )
             names.update((r.pci_address, r.name) for r in records)
             if len(records) < MAX_PAGE_SIZE:
                 return names

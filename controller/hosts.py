@@ -146,7 +146,6 @@ class HostDirectory:
 
         names = ", ".join(sorted(s.name for s in available)) or "none"
         raise HostRequired(
-            f"no host given, and {len(available)} hosts are connected ({names}); "
-            "name the host with --host",
+            f"no host given, and {len(available)} hosts are connected ({names}); name the host with --host",
             connected_hosts=str(len(available)),
         )

@@ -55,16 +55,32 @@ class ControllerConfig:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="devpass-controller", description=__doc__)
-    parser.add_argument("--listen", default="127.0.0.1:50051", help="address to serve on; port 0 picks a free port")
-    parser.add_argument("--state-dir", type=Path, default=DEFAULT_STATE_DIR, help="directory of the SQLite registry file")
-    parser.add_argument("--database", help="registry URL: sqlite:///PATH (default: STATE_DIR/registry.sqlite3)")
-    parser.add_argument("--heartbeat-interval", type=float, default=2.0, help="seconds between agent heartbeats")
-    parser.add_argument("--missed-heartbeats", type=int, default=3, help="missed heartbeats after which a host is unavailable")
-    parser.add_argument("--agent-deadline", type=float, default=10.0, help="deadline in seconds of each call to an agent")
+    parser.add_argument(
+        "--listen", default="127.0.0.1:50051", help="address to serve on; port 0 picks a free port"
+    )
+    parser.add_argument(
+        "--state-dir", type=Path, default=DEFAULT_STATE_DIR, help="directory of the SQLite registry file"
+    )
+    parser.add_argument(
+        "--database", help="registry URL: sqlite:///PATH (default: STATE_DIR/registry.sqlite3)"
+    )
+    parser.add_argument(
+        "--heartbeat-interval", type=float, default=2.0, help="seconds between agent heartbeats"
+    )
+    parser.add_argument(
+        "--missed-heartbeats", type=int, default=3, help="missed heartbeats after which a host is unavailable"
+    )
+    parser.add_argument(
+        "--agent-deadline", type=float, default=10.0, help="deadline in seconds of each call to an agent"
+    )
     parser.add_argument("--ready-file", type=Path, help="write the bound address as JSON here once serving")
-    parser.add_argument("--insecure", action="store_true", help="allow a plaintext listen address that is not loopback")
+    parser.add_argument(
+        "--insecure", action="store_true", help="allow a plaintext listen address that is not loopback"
+    )
     parser.add_argument("--log-level", default="info")
-    parser.add_argument("--log-json", action="store_true", default=None, help="write JSON logs even on a terminal")
+    parser.add_argument(
+        "--log-json", action="store_true", default=None, help="write JSON logs even on a terminal"
+    )
 
     return parser
 
@@ -79,9 +95,7 @@ def open_registry(config: ControllerConfig) -> Registry:
     if url.startswith("sqlite:///"):
         return SqliteRegistry(Path(url.removeprefix("sqlite:///")))
 
-    raise InvalidArgument(
-        f"unsupported --database {url!r}: use sqlite:///PATH", database=url.split("@")[-1]
-    )
+    raise InvalidArgument(f"unsupported --database {url!r}: use sqlite:///PATH", database=url.split("@")[-1])
 
 
 @dataclass
@@ -102,12 +116,16 @@ async def create_server(config: ControllerConfig) -> Controller:
     rpc.check_listen_address(config.listen, insecure=config.insecure)
     registry = open_registry(config)
     await registry.open()
-    hosts = HostDirectory(registry, interval=config.heartbeat_interval, missed_heartbeats=config.missed_heartbeats)
+    hosts = HostDirectory(
+        registry, interval=config.heartbeat_interval, missed_heartbeats=config.missed_heartbeats
+    )
     await hosts.load()
     agents = AgentClients(deadline_seconds=config.agent_deadline)
 
     server = grpc.aio.server(interceptors=[rpc.RpcInterceptor()])
-    devices_pb2_grpc.add_DeviceServiceServicer_to_server(DeviceServicer(Devices(registry, hosts, agents)), server)
+    devices_pb2_grpc.add_DeviceServiceServicer_to_server(
+        DeviceServicer(Devices(registry, hosts, agents)), server
+    )
     hosts_pb2_grpc.add_HostServiceServicer_to_server(HostServicer(hosts), server)
     health = rpc.add_standard_services(server, SERVICE_NAMES)
     port = server.add_insecure_port(config.listen)

@@ -15,7 +15,7 @@ from devpass.names import validate_host_name
 from devpass.v1 import devices_pb2, devices_pb2_grpc, hosts_pb2, hosts_pb2_grpc, pci_pb2
 
 
-class DeviceServicer(devices_pb2_grpc.DeviceServiceServicer):  # type: ignore[misc]
+class DeviceServicer(devices_pb2_grpc.DeviceServiceServicer):
     def __init__(self, devices: Devices) -> None:
         self._devices = devices
 
@@ -34,7 +34,7 @@ class DeviceServicer(devices_pb2_grpc.DeviceServiceServicer):  # type: ignore[mi
     async def ListDevices(
         self, request: devices_pb2.ListDevicesRequest, context: grpc.aio.ServicerContext
     ) -> devices_pb2.ListDevicesResponse:
-        views, next_token = await self._devices.list(
+        views, next_token = await self._devices.list_devices(
             host=request.host,
             type=request.type,
             page_size=request.page_size,
@@ -66,7 +66,7 @@ class DeviceServicer(devices_pb2_grpc.DeviceServiceServicer):  # type: ignore[mi
         )
 
 
-class HostServicer(hosts_pb2_grpc.HostServiceServicer):  # type: ignore[misc]
+class HostServicer(hosts_pb2_grpc.HostServiceServicer):
     def __init__(self, hosts: HostDirectory) -> None:
         self._hosts = hosts
 

@@ -26,29 +26,50 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="devpass", description=__doc__)
     parser.add_argument(
         "--controller",
-        help=f"controller address host:port (default: ${client.CONTROLLER_ENV} or {client.DEFAULT_CONTROLLER})",
+        help=(
+            f"controller address host:port "
+            f"(default: ${client.CONTROLLER_ENV} or {client.DEFAULT_CONTROLLER})"
+        ),
     )
     parser.add_argument("-o", "--output", choices=("table", "json"), default="table", help="output format")
     commands = parser.add_subparsers(dest="command", required=True)
 
     up = commands.add_parser("up", help="start a controller and agents on this machine")
-    up.add_argument("--simulate", type=Path, nargs="+", metavar="FILE", help="start one agent per simulated host description instead of one for this machine")
-    up.add_argument("--state-dir", type=Path, help="directory for the registry, logs and simulated trees (default: ~/.local/state/devpass)")
+    up.add_argument(
+        "--simulate",
+        type=Path,
+        nargs="+",
+        metavar="FILE",
+        help="start one agent per simulated host description instead of one for this machine",
+    )
+    up.add_argument(
+        "--state-dir",
+        type=Path,
+        help="directory for the registry, logs and simulated trees (default: ~/.local/state/devpass)",
+    )
     up.add_argument("--listen", default=client.DEFAULT_CONTROLLER, help="controller listen address")
-    up.add_argument("--sysfs-root", type=Path, default=Path("/sys"), help="sysfs root of this machine's agent")
+    up.add_argument(
+        "--sysfs-root", type=Path, default=Path("/sys"), help="sysfs root of this machine's agent"
+    )
     up.set_defaults(handler=_up)
 
-    devices = commands.add_parser("devices", help="register and inspect devices").add_subparsers(dest="action", required=True)
+    devices = commands.add_parser("devices", help="register and inspect devices").add_subparsers(
+        dest="action", required=True
+    )
     register = devices.add_parser("register", help="register a PCI device under a fleet-wide name")
     register.add_argument("pci_address", help="address such as 0000:a2:00.0 or a2:00.0")
-    register.add_argument("--host", default="", help="host of the device; optional when one host is connected")
+    register.add_argument(
+        "--host", default="", help="host of the device; optional when one host is connected"
+    )
     register.add_argument("--name", default="", help="device name; generated from the address when left out")
     register.set_defaults(handler=_register)
 
     listing = devices.add_parser("list", help="list registered devices")
     listing.add_argument("--host", default="", help="only devices of this host")
     listing.add_argument("--type", default="", choices=("", "gpu", "pci"), help="only devices of this type")
-    listing.add_argument("--page-size", type=int, default=0, help="devices per page; with it, only one page is shown")
+    listing.add_argument(
+        "--page-size", type=int, default=0, help="devices per page; with it, only one page is shown"
+    )
     listing.add_argument("--page-token", default="", help="token of the page to show, from a previous page")
     listing.set_defaults(handler=_list)
 
@@ -60,7 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
     delete.add_argument("id_or_name")
     delete.set_defaults(handler=_delete)
 
-    available = devices.add_parser("available", help="list the PCI functions hosts offer, and what blocks them")
+    available = devices.add_parser(
+        "available", help="list the PCI functions hosts offer, and what blocks them"
+    )
     available.add_argument("--host", default="", help="only this host (default: every available host)")
     available.set_defaults(handler=_available)
 
@@ -80,7 +103,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     except grpc.RpcError as err:
         domain_error = errors.from_rpc_error(err)
         if domain_error is not None:
-            _report_error(args, domain_error.code, domain_error.reason, domain_error.message, domain_error.metadata)
+            _report_error(
+                args, domain_error.code, domain_error.reason, domain_error.message, domain_error.metadata
+            )
         else:
             code = err.code()
             hint = ""
@@ -90,7 +115,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         raise SystemExit(EXIT_REJECTED) from None
 
 
-def _report_error(args: argparse.Namespace, code: grpc.StatusCode, reason: str, message: str, metadata: dict[str, str]) -> None:
+def _report_error(
+    args: argparse.Namespace, code: grpc.StatusCode, reason: str, message: str, metadata: dict[str, str]
+) -> None:
     if args.output == "json":
         body = {"error": {"code": code.name, "reason": reason, "message": message, "metadata": metadata}}
         print(json.dumps(body, indent=2), file=sys.stderr)
@@ -150,7 +177,9 @@ def _delete(args: argparse.Namespace) -> None:
 
 
 def _available(args: argparse.Namespace) -> None:
-    response = _devices_stub(args).ListAvailableDevices(devices_pb2.ListAvailableDevicesRequest(host=args.host))
+    response = _devices_stub(args).ListAvailableDevices(
+        devices_pb2.ListAvailableDevicesRequest(host=args.host)
+    )
     if args.output == "json":
         _print_json(_to_dict(response))
         return
@@ -167,13 +196,20 @@ def _available(args: argparse.Namespace) -> None:
                 _group(function),
                 function.driver or "-",
                 entry.registered_name or "-",
-                "yes" if entry.assignability.assignable else "no: " + ", ".join(b.reason for b in entry.assignability.blockers),
+                "yes"
+                if entry.assignability.assignable
+                else "no: " + ", ".join(b.reason for b in entry.assignability.blockers),
                 _describe(function.vendor_name, function.device_name),
             ]
         )
-    _print_table(["HOST", "PCI ADDRESS", "ID", "TYPE", "GROUP", "DRIVER", "REGISTERED", "ASSIGNABLE", "DESCRIPTION"], rows)
+    _print_table(
+        ["HOST", "PCI ADDRESS", "ID", "TYPE", "GROUP", "DRIVER", "REGISTERED", "ASSIGNABLE", "DESCRIPTION"],
+        rows,
+    )
     for failure in response.unreachable_hosts:
-        print(f"warning: host {failure.host} not listed: {failure.reason}: {failure.message}", file=sys.stderr)
+        print(
+            f"warning: host {failure.host} not listed: {failure.reason}: {failure.message}", file=sys.stderr
+        )
 
 
 def _hosts(args: argparse.Namespace) -> None:
@@ -196,7 +232,9 @@ def _hosts(args: argparse.Namespace) -> None:
         ]
         for host in response.hosts
     ]
-    _print_table(["HOST", "STATE", "HEARTBEAT AGE", "AGENT", "IOMMU", "VFIO", "FUNCTIONS", "AGENT ADDRESS"], rows)
+    _print_table(
+        ["HOST", "STATE", "HEARTBEAT AGE", "AGENT", "IOMMU", "VFIO", "FUNCTIONS", "AGENT ADDRESS"], rows
+    )
 
 
 def _up(args: argparse.Namespace) -> None:
@@ -226,7 +264,22 @@ def _print_devices(args: argparse.Namespace, devices: list[devices_pb2.Device], 
         ]
         for device in devices
     ]
-    _print_table(["NAME", "HOST", "PCI ADDRESS", "TYPE", "ID", "GROUP", "DRIVER", "VFIO", "ATTACHED", "STATE", "DEVICE ID"], rows)
+    _print_table(
+        [
+            "NAME",
+            "HOST",
+            "PCI ADDRESS",
+            "TYPE",
+            "ID",
+            "GROUP",
+            "DRIVER",
+            "VFIO",
+            "ATTACHED",
+            "STATE",
+            "DEVICE ID",
+        ],
+        rows,
+    )
 
 
 def _state(device: devices_pb2.Device) -> str:
@@ -249,9 +302,11 @@ def _describe(vendor: str, device: str) -> str:
 
 
 def _to_dict(message: Message) -> dict[str, Any]:
-    return json_format.MessageToDict(
+    converted: dict[str, Any] = json_format.MessageToDict(
         message, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
     )
+
+    return converted
 
 
 def _print_json(body: Any) -> None:

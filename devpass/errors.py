@@ -37,9 +37,7 @@ class DevpassError(Exception):
         info = error_details_pb2.ErrorInfo(reason=self.reason, domain=DOMAIN, metadata=self.metadata)
         detail = any_pb2.Any()
         detail.Pack(info)
-        status = status_pb2.Status(
-            code=_CODE_NUMBERS[self.code], message=self.message, details=[detail]
-        )
+        status = status_pb2.Status(code=_CODE_NUMBERS[self.code], message=self.message, details=[detail])
 
         return rpc_status.to_status(status)
 
@@ -212,7 +210,7 @@ def from_status(code: grpc.StatusCode, message: str, reason: str, metadata: dict
 
 def from_rpc_error(err: grpc.RpcError) -> DevpassError | None:
     """Return the devpass error carried by a failed call, or None when it carries none."""
-    status = rpc_status.from_call(err)  # type: ignore[arg-type]
+    status = rpc_status.from_call(err)
     if status is None:
         return None
 

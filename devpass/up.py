@@ -91,7 +91,12 @@ def run_local_fleet(args: argparse.Namespace) -> None:
 
 
 def _start_agents(
-    children: list[Child], args: argparse.Namespace, controller: str, state_dir: Path, log_dir: Path, run_dir: Path
+    children: list[Child],
+    args: argparse.Namespace,
+    controller: str,
+    state_dir: Path,
+    log_dir: Path,
+    run_dir: Path,
 ) -> list[str]:
     hosts = []
     if args.simulate:
@@ -143,7 +148,9 @@ def _wait_ready(child: Child, run_dir: Path) -> dict[str, str]:
             raise StartFailed(f"{child.name} exited at start:\n{_tail(child.log_path)}")
         time.sleep(0.05)
 
-    raise StartFailed(f"{child.name} did not start within {START_TIMEOUT_SECONDS:.0f} s; see {child.log_path}")
+    raise StartFailed(
+        f"{child.name} did not start within {START_TIMEOUT_SECONDS:.0f} s; see {child.log_path}"
+    )
 
 
 def _wait_for_hosts(address: str, hosts: list[str], children: list[Child]) -> None:
@@ -163,16 +170,18 @@ def _wait_for_hosts(address: str, hosts: list[str], children: list[Child]) -> No
                 raise StartFailed(f"{child.name} exited at start:\n{_tail(child.log_path)}")
         time.sleep(0.1)
 
-    raise StartFailed(f"hosts {', '.join(hosts)} did not reach the controller within {START_TIMEOUT_SECONDS:.0f} s")
+    raise StartFailed(
+        f"hosts {', '.join(hosts)} did not reach the controller within {START_TIMEOUT_SECONDS:.0f} s"
+    )
 
 
 def _print_summary(address: str, hosts: list[str], state_dir: Path, children: list[Child]) -> None:
     first_host = hosts[0]
     print(
         f"""devpass is running.
-  controller  {address}   (registry: {state_dir / 'registry.sqlite3'})
-  hosts       {', '.join(hosts)}
-  logs        {state_dir / 'logs'}
+  controller  {address}   (registry: {state_dir / "registry.sqlite3"})
+  hosts       {", ".join(hosts)}
+  logs        {state_dir / "logs"}
 
 Try, in another terminal (with the project's virtualenv on PATH, e.g. `. .venv/bin/activate`):
   export DEVPASS_CONTROLLER={address}

@@ -126,7 +126,9 @@ def processes(tmp_path: Path) -> Iterator[Processes]:
         procs.stop_all()
 
 
-def wait_for_hosts(channel: grpc.Channel, names: set[str], *, available: bool = True, timeout: float = 15.0) -> None:
+def wait_for_hosts(
+    channel: grpc.Channel, names: set[str], *, available: bool = True, timeout: float = 15.0
+) -> None:
     """Wait until each host in `names` is listed with the given availability."""
     stub = hosts_pb2_grpc.HostServiceStub(channel)
     deadline = time.monotonic() + timeout
@@ -155,7 +157,9 @@ class Fleet:
 def start_fleet(processes: Processes, state_dir: Path, descriptions: dict[str, str]) -> Fleet:
     """Start a controller and one simulated agent per host description, and wait for their heartbeats."""
     controller = processes.controller(state_dir)
-    agents = {host: processes.simulated_agent(controller.address, file) for host, file in descriptions.items()}
+    agents = {
+        host: processes.simulated_agent(controller.address, file) for host, file in descriptions.items()
+    }
     channel = grpc.insecure_channel(controller.address)
     wait_for_hosts(channel, set(descriptions))
 

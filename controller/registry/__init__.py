@@ -73,9 +73,7 @@ class Registry(Protocol):
 
     async def device_at(self, host: str, pci_address: str) -> DeviceRecord | None: ...
 
-    async def list_devices(
-        self, *, host: str, type: str, after_seq: int, limit: int
-    ) -> list[DeviceRecord]:
+    async def list_devices(self, *, host: str, type: str, after_seq: int, limit: int) -> list[DeviceRecord]:
         """List devices with `seq` above `after_seq` in `seq` order; empty filters match all."""
 
     async def remove_device(self, device_id: str) -> bool:

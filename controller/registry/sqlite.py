@@ -90,18 +90,12 @@ class SqliteRegistry:
         return await self._run(self._add_device, record)
 
     async def find_device(self, id_or_name: str) -> DeviceRecord | None:
-        return await self._run(
-            self._one_device, "id = ? OR name = ?", (id_or_name, id_or_name)
-        )
+        return await self._run(self._one_device, "id = ? OR name = ?", (id_or_name, id_or_name))
 
     async def device_at(self, host: str, pci_address: str) -> DeviceRecord | None:
-        return await self._run(
-            self._one_device, "host = ? AND pci_address = ?", (host, pci_address)
-        )
+        return await self._run(self._one_device, "host = ? AND pci_address = ?", (host, pci_address))
 
-    async def list_devices(
-        self, *, host: str, type: str, after_seq: int, limit: int
-    ) -> list[DeviceRecord]:
+    async def list_devices(self, *, host: str, type: str, after_seq: int, limit: int) -> list[DeviceRecord]:
         return await self._run(self._list_devices, host, type, after_seq, limit)
 
     async def remove_device(self, device_id: str) -> bool:
@@ -205,9 +199,7 @@ class SqliteRegistry:
 
     def _conflict(self, record: DeviceRecord, err: sqlite3.IntegrityError) -> Exception:
         """Name the owner of whichever unique constraint the insert broke."""
-        at_address = self._one_device(
-            "host = ? AND pci_address = ?", (record.host, record.pci_address)
-        )
+        at_address = self._one_device("host = ? AND pci_address = ?", (record.host, record.pci_address))
         if at_address is not None:
             return already_registered(at_address)
         named = self._one_device("name = ?", (record.name,))
@@ -217,9 +209,11 @@ class SqliteRegistry:
         return err
 
     def _one_device(self, where: str, params: tuple[Any, ...]) -> DeviceRecord | None:
-        row = self._db().execute(
-            f"SELECT {_DEVICE_COLUMNS} FROM devices WHERE {where} LIMIT 1", params
-        ).fetchone()
+        row = (
+            self._db()
+            .execute(f"SELECT {_DEVICE_COLUMNS} FROM devices WHERE {where} LIMIT 1", params)
+            .fetchone()
+        )
 
         return _device(row) if row is not None else None
 

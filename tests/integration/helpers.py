@@ -11,7 +11,9 @@ import pytest
 from devpass import errors
 
 
-def rejected(call: Callable[..., Any], request: Any, code: grpc.StatusCode, reason: str) -> errors.DevpassError:
+def rejected(
+    call: Callable[..., Any], request: Any, code: grpc.StatusCode, reason: str
+) -> errors.DevpassError:
     """Make the call, assert it fails with `code` and ErrorInfo `reason`, and return the error."""
     with pytest.raises(grpc.RpcError) as caught:
         call(request, timeout=20)

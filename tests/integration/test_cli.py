@@ -36,7 +36,9 @@ def fleet(processes: Processes, tmp_path: Path) -> Fleet:
 def test_register_get_list_delete(fleet: Fleet) -> None:
     address = fleet.controller.address
 
-    registered = devpass(address, "-o", "json", "devices", "register", "--host", "node-a", "a2:00.0", "--name", "l4-a")
+    registered = devpass(
+        address, "-o", "json", "devices", "register", "--host", "node-a", "a2:00.0", "--name", "l4-a"
+    )
     assert registered.returncode == 0, registered.stderr
     device = json.loads(registered.stdout)
     assert device["name"] == "l4-a"
@@ -142,7 +144,9 @@ def test_up_with_simulated_hosts(tmp_path: Path) -> None:
         h100s = [d for d in functions if d["function"]["device_id"] == "2330"]
         assert len(h100s) == 8
         assert all(d["function"]["type"] == "gpu" for d in h100s)
-        registered = devpass(address[1], "devices", "register", "--host", "hgx-h100-01", h100s[0]["function"]["pci_address"])
+        registered = devpass(
+            address[1], "devices", "register", "--host", "hgx-h100-01", h100s[0]["function"]["pci_address"]
+        )
         assert registered.returncode == 0, registered.stderr
     finally:
         process.send_signal(signal.SIGINT)

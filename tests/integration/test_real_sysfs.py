@@ -22,7 +22,9 @@ def _lspci() -> dict[str, dict[str, str]]:
     """Parse `lspci -D -n -vmm -k` into one dict of fields per slot."""
     if shutil.which("lspci") is None:
         pytest.fail("lspci is missing: `make test` installs pciutils")
-    output = subprocess.run(["lspci", "-D", "-n", "-vmm", "-k"], capture_output=True, text=True, check=True).stdout
+    output = subprocess.run(
+        ["lspci", "-D", "-n", "-vmm", "-k"], capture_output=True, text=True, check=True
+    ).stdout
     records: dict[str, dict[str, str]] = {}
     for block in output.strip().split("\n\n"):
         fields = dict(line.split(":\t", 1) for line in block.splitlines() if ":\t" in line)
@@ -51,7 +53,9 @@ def test_real_agent_registration(processes: Processes, tmp_path: Path) -> None:
     sysfs = Sysfs(Path("/sys"))
     first = sysfs.list_addresses()[0]
     controller = processes.controller(tmp_path / "state")
-    agent = processes.start("agent-real", "agent", "--controller", controller.address, "--host-name", "real-host")
+    agent = processes.start(
+        "agent-real", "agent", "--controller", controller.address, "--host-name", "real-host"
+    )
     channel = grpc.insecure_channel(controller.address)
     wait_for_hosts(channel, {"real-host"})
     stub = devices_pb2_grpc.DeviceServiceStub(channel)

@@ -109,12 +109,19 @@ def test_list_filters(fleet: Fleet) -> None:
     assert _names(fleet, type="gpu") == ["a-gpu", "b-gpu"]
     assert _names(fleet, host="node-a", type="pci") == ["a-nic"]
     assert _names(fleet, host="node-z") == []
-    rejected(fleet.devices.ListDevices, devices_pb2.ListDevicesRequest(type="fpga"), Code.INVALID_ARGUMENT, "INVALID_ARGUMENT")
+    rejected(
+        fleet.devices.ListDevices,
+        devices_pb2.ListDevicesRequest(type="fpga"),
+        Code.INVALID_ARGUMENT,
+        "INVALID_ARGUMENT",
+    )
 
 
 def fleet_nic_address(fleet: Fleet, host: str) -> str:
     """Return the address of a network controller on `host` that is not a bridge."""
-    response = fleet.devices.ListAvailableDevices(devices_pb2.ListAvailableDevicesRequest(host=host), timeout=20)
+    response = fleet.devices.ListAvailableDevices(
+        devices_pb2.ListAvailableDevicesRequest(host=host), timeout=20
+    )
     nics = [d.function.pci_address for d in response.devices if d.function.class_code.startswith("02")]
     assert nics, f"{host} has no network controller"
     return nics[0]
@@ -139,7 +146,9 @@ def test_pagination(fleet: Fleet) -> None:
     assert pages == [["d1", "d2"], ["d3", "d4"], ["d5"]]
     first = fleet.devices.ListDevices(devices_pb2.ListDevicesRequest(page_size=2, host="node-b"))
     assert [d.name for d in first.devices] == ["d3", "d4"]
-    second = fleet.devices.ListDevices(devices_pb2.ListDevicesRequest(page_size=2, host="node-b", page_token=first.next_page_token))
+    second = fleet.devices.ListDevices(
+        devices_pb2.ListDevicesRequest(page_size=2, host="node-b", page_token=first.next_page_token)
+    )
     assert [d.name for d in second.devices] == ["d5"]
     assert second.next_page_token == ""
     rejected(
@@ -163,7 +172,12 @@ def test_unregister(fleet: Fleet) -> None:
 
     assert response.device.id == device.id
     assert _names(fleet) == []
-    rejected(fleet.devices.GetDevice, devices_pb2.GetDeviceRequest(id_or_name=device.id), Code.NOT_FOUND, "DEVICE_NOT_FOUND")
+    rejected(
+        fleet.devices.GetDevice,
+        devices_pb2.GetDeviceRequest(id_or_name=device.id),
+        Code.NOT_FOUND,
+        "DEVICE_NOT_FOUND",
+    )
     rejected(
         fleet.devices.UnregisterDevice,
         devices_pb2.UnregisterDeviceRequest(id_or_name="l4-a"),
@@ -214,7 +228,12 @@ def test_pci_device_not_found(fleet: Fleet) -> None:
 
 
 def test_device_not_found(fleet: Fleet) -> None:
-    error = rejected(fleet.devices.GetDevice, devices_pb2.GetDeviceRequest(id_or_name="ghost"), Code.NOT_FOUND, "DEVICE_NOT_FOUND")
+    error = rejected(
+        fleet.devices.GetDevice,
+        devices_pb2.GetDeviceRequest(id_or_name="ghost"),
+        Code.NOT_FOUND,
+        "DEVICE_NOT_FOUND",
+    )
 
     assert "ghost" in error.message
 

@@ -28,7 +28,16 @@ def test_restart_keeps_devices(processes: Processes, tmp_path: Path) -> None:
     # A fixed port, so the agents find the restarted controller where they left it.
     address = f"127.0.0.1:{_free_port()}"
     state_dir = tmp_path / "state"
-    controller = processes.start("controller", "controller", "--listen", address, "--state-dir", str(state_dir), "--heartbeat-interval", "0.3")
+    controller = processes.start(
+        "controller",
+        "controller",
+        "--listen",
+        address,
+        "--state-dir",
+        str(state_dir),
+        "--heartbeat-interval",
+        "0.3",
+    )
     processes.simulated_agent(address, "two-hosts-a.yaml")
     processes.simulated_agent(address, "two-hosts-b.yaml")
     channel = grpc.insecure_channel(address)
@@ -36,11 +45,22 @@ def test_restart_keeps_devices(processes: Processes, tmp_path: Path) -> None:
     stub = devices_pb2_grpc.DeviceServiceStub(channel)
     stub.RegisterDevice(devices_pb2.RegisterDeviceRequest(host="node-a", pci_address="a2:00.0"))
     stub.RegisterDevice(devices_pb2.RegisterDeviceRequest(host="node-b", pci_address="a2:00.0"))
-    stub.RegisterDevice(devices_pb2.RegisterDeviceRequest(host="node-b", pci_address="c1:00.0", name="b-a6000"))
+    stub.RegisterDevice(
+        devices_pb2.RegisterDeviceRequest(host="node-b", pci_address="c1:00.0", name="b-a6000")
+    )
     before = _all_devices(stub)
 
     assert controller.stop(signal.SIGKILL) == -signal.SIGKILL
-    restarted = processes.start("controller-2", "controller", "--listen", address, "--state-dir", str(state_dir), "--heartbeat-interval", "0.3")
+    restarted = processes.start(
+        "controller-2",
+        "controller",
+        "--listen",
+        address,
+        "--state-dir",
+        str(state_dir),
+        "--heartbeat-interval",
+        "0.3",
+    )
     wait_for_hosts(channel, {"node-a", "node-b"})
 
     assert _all_devices(stub) == before

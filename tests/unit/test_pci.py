@@ -58,7 +58,14 @@ def test_slug_and_ordering() -> None:
 
 @pytest.mark.parametrize(
     ("class_code", "expected"),
-    [(0x030000, "gpu"), (0x030200, "gpu"), (0x030001, "gpu"), (0x038000, "pci"), (0x040300, "pci"), (0x020000, "pci")],
+    [
+        (0x030000, "gpu"),
+        (0x030200, "gpu"),
+        (0x030001, "gpu"),
+        (0x038000, "pci"),
+        (0x040300, "pci"),
+        (0x020000, "pci"),
+    ],
 )
 def test_device_type(class_code: int, expected: str) -> None:
     assert device_type(class_code) == expected

@@ -39,7 +39,9 @@ def test_generated_code_is_fresh(tmp_path: Path) -> None:
     )
     generated = sorted(p.relative_to(tmp_path) for p in (tmp_path / "devpass" / "v1").iterdir())
     committed = sorted(
-        p.relative_to(ROOT) for p in (ROOT / "devpass" / "v1").iterdir() if p.name != "__init__.py" and p.is_file()
+        p.relative_to(ROOT)
+        for p in (ROOT / "devpass" / "v1").iterdir()
+        if p.name != "__init__.py" and p.is_file()
     )
 
     assert generated == committed, "run `make protos` and commit the result"

@@ -18,7 +18,9 @@ from devpass.errors import DeviceAlreadyRegistered, NameTaken
 T = TypeVar("T")
 
 
-def _record(id: str, name: str, host: str = "h1", address: str = "0000:a2:00.0", type: str = "gpu") -> DeviceRecord:
+def _record(
+    id: str, name: str, host: str = "h1", address: str = "0000:a2:00.0", type: str = "gpu"
+) -> DeviceRecord:
     return DeviceRecord(
         id=id,
         name=name,
@@ -104,7 +106,9 @@ def test_list_filters_and_order(open_registry: Callable[[], Registry]) -> None:
         for index in range(5):
             host = "h1" if index % 2 == 0 else "h2"
             type = "gpu" if index < 3 else "pci"
-            await registry.add_device(_record(f"id{index}", f"dev{index}", host=host, address=f"0000:0{index}:00.0", type=type))
+            await registry.add_device(
+                _record(f"id{index}", f"dev{index}", host=host, address=f"0000:0{index}:00.0", type=type)
+            )
 
         everything = await registry.list_devices(host="", type="", after_seq=0, limit=100)
         assert [r.name for r in everything] == [f"dev{i}" for i in range(5)]
