@@ -1,0 +1,132 @@
+"""The simulated host: its sysfs, /dev and /proc trees under one base directory."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path, PurePosixPath
+
+from agent.simulate.description import HostDescription
+from agent.simulate.kernel import SimulatedKernel
+
+# The kernel keeps at most 15 characters of a command name (TASK_COMM_LEN - 1).
+_COMM_LENGTH = 15
+
+
+class SimulatedHost:
+    """A host's sysfs, /dev and /proc trees under one base directory.
+
+    The tree is written once by ``build``. After that only ``kernel`` changes it,
+    so every change goes through the same checks a real kernel makes.
+    """
+
+    def __init__(self, description: HostDescription, base: Path) -> None:
+        self._description = description
+        self._base = base
+        self._kernel = SimulatedKernel(self)
+
+    @classmethod
+    def build(cls, description: HostDescription, base: Path) -> SimulatedHost:
+        """Create ``base/sys``, ``base/dev`` and ``base/proc`` for ``description``.
+
+        Raises:
+            ValueError: ``base`` exists and is not an empty directory.
+        """
+        base = Path(base)
+        if base.exists() and (not base.is_dir() or any(base.iterdir())):
+            raise ValueError(f"cannot build a simulated host in {base}: it is not an empty directory")
+
+        base.mkdir(parents=True, exist_ok=True)
+        base = Path(os.path.realpath(base))
+        for name in ("sys", "dev", "proc"):
+            (base / name).mkdir()
+        _write_dev_nodes(description, base / "dev")
+        _write_processes(description, base / "proc", base / "dev")
+        _write_mounts(description, base / "proc")
+
+        return cls(description, base)
+
+    @property
+    def description(self) -> HostDescription:
+        return self._description
+
+    @property
+    def base(self) -> Path:
+        return self._base
+
+    @property
+    def sysfs_root(self) -> Path:
+        return self._base / "sys"
+
+    @property
+    def dev_root(self) -> Path:
+        return self._base / "dev"
+
+    @property
+    def proc_root(self) -> Path:
+        return self._base / "proc"
+
+    @property
+    def kernel(self) -> SimulatedKernel:
+        return self._kernel
+
+    def device_path(self, address: str) -> Path:
+        """Return ``sys/bus/pci/devices/<address>``, the link to the function's directory."""
+        return self.sysfs_root / "bus" / "pci" / "devices" / address
+
+
+def _write_dev_nodes(description: HostDescription, dev_root: Path) -> None:
+    """Create the device nodes as plain files, since tests cannot call mknod."""
+    nodes = ["/dev/null"]
+    if description.vfio:
+        nodes.append("/dev/vfio/vfio")
+    for device in description.devices:
+        nodes.extend(device.char_devices)
+        if device.block is not None:
+            nodes.append(f"/dev/{device.block.name}")
+            nodes.extend(
+                f"/dev/{device.block.partition_name(number)}"
+                for number in range(1, len(device.block.mounts) + 1)
+            )
+
+    for node in nodes:
+        path = _under_dev_root(dev_root, node)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.touch()
+
+
+def _under_dev_root(dev_root: Path, path: str) -> Path:
+    return dev_root.joinpath(*PurePosixPath(path).parts[2:])
+
+
+def _write_processes(description: HostDescription, proc_root: Path, dev_root: Path) -> None:
+    for process in description.processes:
+        process_dir = proc_root / str(process.pid)
+        (process_dir / "fd").mkdir(parents=True)
+        (process_dir / "comm").write_text(process.comm[:_COMM_LENGTH] + "\n")
+        (process_dir / "cmdline").write_text(process.comm + "\0")
+
+        # Descriptors 0 to 2 are the standard streams, as for a daemon started by init.
+        targets = [str(dev_root / "null")] * 3 + [
+            str(_under_dev_root(dev_root, path)) if path.startswith("/dev/") else path
+            for path in process.open_files
+        ]
+        for number, target in enumerate(targets):
+            os.symlink(target, process_dir / "fd" / str(number))
+
+
+def _write_mounts(description: HostDescription, proc_root: Path) -> None:
+    lines = [
+        "sysfs /sys sysfs rw,nosuid,nodev,noexec,relatime 0 0",
+        "proc /proc proc rw,nosuid,nodev,noexec,relatime 0 0",
+        "devtmpfs /dev devtmpfs rw,nosuid,relatime,mode=755 0 0",
+        "tmpfs /run tmpfs rw,nosuid,nodev,noexec,relatime,mode=755 0 0",
+    ]
+    for device in description.devices:
+        if device.block is None:
+            continue
+        for number, mount in enumerate(device.block.mounts, start=1):
+            fstype = "vfat" if mount == "/boot/efi" else "ext4"
+            partition = device.block.partition_name(number)
+            lines.append(f"/dev/{partition} {mount} {fstype} rw,relatime 0 0")
+
+    (proc_root / "mounts").write_text("".join(line + "\n" for line in lines))
