@@ -12,14 +12,20 @@ drivers/pci/pci-sysfs.c and iov.c, drivers/vfio/pci/vfio_pci_core.c):
   attributes, with relative ``driver``, ``iommu_group``, ``subsystem``, ``physfn`` and
   ``virtfnN`` links.
 - ``sys/bus/pci/{devices,drivers,drivers_probe,rescan}``, ``sys/kernel/iommu_groups``,
-  ``sys/class/{net,block}`` and ``sys/module/vfio_pci`` are where the kernel puts them.
+  ``sys/class/{net,block,graphics,drm}`` and ``sys/module/vfio_pci`` are where the
+  kernel puts them. Bridges, bonds, VLANs, dm and md disks are under ``sys/devices/virtual``.
 - ``dev/vfio/<group>`` exists while a function of the group is bound to vfio-pci.
-- ``proc/<pid>/fd`` links point at absolute paths under the simulated dev root.
+- ``proc/<pid>/fd`` links point at absolute paths under the simulated dev root, or
+  under the simulated sysfs root with links resolved.
+- ``proc/{mounts,swaps,cmdline,consoles,net/route,net/ipv6_route}`` describe the
+  host's use of its functions.
 
 Modules: ``devices`` and ``description`` contain the parsed description, ``fields``
 reads its YAML values and ``validation`` checks the rules that span devices. ``tree``
 builds the host. ``kernel`` applies writes, and the ``bus`` it extends keeps the sysfs
 tree in step with the present functions. ``files`` formats sysfs and /proc contents.
+``virtual`` parses the host-level parts that belong to no function, ``stacks`` lays out
+the virtual interfaces and disks, and ``display`` the framebuffer and DRM entries.
 """
 
 from agent.simulate.description import HostDescription
@@ -30,6 +36,8 @@ from agent.simulate.devices import (
     NetDescription,
     ProcessDescription,
     SriovDescription,
+    VirtualBlockDescription,
+    VirtualInterfaceDescription,
 )
 from agent.simulate.kernel import FaultAttribute, FaultError, SimulatedKernel
 from agent.simulate.tree import SimulatedHost
@@ -46,4 +54,6 @@ __all__ = [
     "SimulatedHost",
     "SimulatedKernel",
     "SriovDescription",
+    "VirtualBlockDescription",
+    "VirtualInterfaceDescription",
 ]

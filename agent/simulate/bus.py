@@ -10,14 +10,17 @@ from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, cast
 
 from agent.simulate.devices import VFIO_DRIVER, DeviceDescription
+from agent.simulate.display import _sync_display
 from agent.simulate.files import (
     _attributes,
+    _ipv6_route_table,
     _nvidia_minor,
     _route_table,
     _symlink,
     _uevent,
     _write_file,
 )
+from agent.simulate.stacks import _add_virtual_block_device, _add_virtual_interface, _lowest_first
 from devpass.pci import PciAddress
 
 if TYPE_CHECKING:
@@ -60,6 +63,7 @@ class _PciBus:
         self._write_attribute(device, "uevent", _uevent(device.spec, driver))
         self._sync_vfio_node(device.spec.iommu_group)
         self._sync_nvidia_information(device)
+        self._sync_display(device)
 
     def _detach(self, device: _LiveDevice) -> None:
         driver_dir = self._root / "bus" / "pci" / "drivers" / cast(str, device.driver)
@@ -69,6 +73,7 @@ class _PciBus:
         self._write_attribute(device, "uevent", _uevent(device.spec, None))
         self._sync_vfio_node(device.spec.iommu_group)
         self._sync_nvidia_information(device)
+        self._sync_display(device)
 
     def _sync_vfio_node(self, group: int | None) -> None:
         """Keep /dev/vfio/<group> present exactly while a member is bound to vfio-pci."""
@@ -103,6 +108,11 @@ class _PciBus:
             "GPU Excluded:\t No\n"
         )
 
+    def _sync_display(self, device: _LiveDevice) -> None:
+        devices = self._host.description.devices
+        device_dir = self._root / device.directory
+        _sync_display(self._root, self._host.dev_root, devices, device_dir, device.spec, device.driver)
+
     # Adding and removing functions -----------------------------------------
 
     def _boot(self) -> None:
@@ -113,6 +123,8 @@ class _PciBus:
             "kernel/iommu_groups",
             "class/net",
             "class/block",
+            "class/graphics",
+            "class/drm",
             "block",
             "module",
         ):
@@ -134,7 +146,20 @@ class _PciBus:
             device = self._add_device(spec, physfn=None)
             if spec.sriov is not None and spec.sriov.numvfs > 0:
                 self._enable_vfs(device, spec.sriov.numvfs)
+        self._add_virtual_devices()
         self._write_route_table()
+
+    def _add_virtual_devices(self) -> None:
+        """Stack the bridges, bonds, VLANs, dm and md disks on the functions' own, lowest first."""
+        description = self._host.description
+        interfaces = {v.name: v for v in description.virtual_interfaces}
+        lower = {name: description.lower_interfaces(v) for name, v in interfaces.items()}
+        for name in _lowest_first(lower):
+            _add_virtual_interface(self._root, interfaces[name], lower[name])
+
+        disks = {v.name: v for v in description.virtual_block_devices}
+        for name in _lowest_first({name: disk.slaves for name, disk in disks.items()}):
+            _add_virtual_block_device(self._root, disks[name])
 
     def _add_driver(self, name: str) -> None:
         driver_dir = self._root / "bus" / "pci" / "drivers" / name
@@ -194,8 +219,7 @@ class _PciBus:
             _symlink(disk_dir / "device", device_dir)
             _symlink(self._root / "class" / "block" / spec.block.name, disk_dir)
             _symlink(self._root / "block" / spec.block.name, disk_dir)
-            for number in range(1, len(spec.block.mounts) + 1):
-                partition = spec.block.partition_name(number)
+            for number, partition in enumerate(spec.block.partition_names(), start=1):
                 _write_file(disk_dir / partition / "partition", f"{number}\n", 0o444)
                 _symlink(self._root / "class" / "block" / partition, disk_dir / partition)
 
@@ -234,8 +258,8 @@ class _PciBus:
         if spec.block is not None:
             yield "class/block", spec.block.name
             yield "block", spec.block.name
-            for number in range(1, len(spec.block.mounts) + 1):
-                yield "class/block", spec.block.partition_name(number)
+            for partition in spec.block.partition_names():
+                yield "class/block", partition
 
     def _rescan(self, in_scope: Callable[[DeviceDescription], bool]) -> None:
         """Bring back removed functions in scope, and everything below them.
@@ -284,10 +308,14 @@ class _PciBus:
         _write_file(path, content, mode)
 
     def _write_route_table(self) -> None:
+        """Write /proc/net/route and ipv6_route for the present NICs and the virtual interfaces."""
         nets = [d.spec.net for d in self._devices.values() if d.spec.net is not None]
-        route_file = self._host.proc_root / "net" / "route"
-        route_file.parent.mkdir(exist_ok=True)
-        route_file.write_text(_route_table(sorted(nets, key=lambda net: net.interface)))
+        nets += [virtual.as_net() for virtual in self._host.description.virtual_interfaces]
+        nets.sort(key=lambda net: net.interface)
+        net_dir = self._host.proc_root / "net"
+        net_dir.mkdir(exist_ok=True)
+        (net_dir / "route").write_text(_route_table(nets))
+        (net_dir / "ipv6_route").write_text(_ipv6_route_table(nets))
 
 
 def _parents_first(devices: Iterable[DeviceDescription]) -> list[DeviceDescription]:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ipaddress
 import re
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -16,13 +15,29 @@ from agent.simulate.devices import (
     NetDescription,
     ProcessDescription,
     SriovDescription,
+    VirtualBlockDescription,
+    VirtualInterfaceDescription,
 )
-from agent.simulate.fields import _canonical_address, _driver_name, _Fields
+from agent.simulate.fields import (
+    _block_name,
+    _canonical_address,
+    _driver_name,
+    _Fields,
+    _interface_name,
+    _ip_interfaces,
+    _mount_points,
+)
 from agent.simulate.validation import _validate_host
+from agent.simulate.virtual import (
+    _parse_cmdline,
+    _parse_consoles,
+    _parse_swaps,
+    _parse_virtual_block_device,
+    _parse_virtual_interface,
+)
 
-# Interface names: at most 15 characters (IFNAMSIZ - 1), no '/' or whitespace.
-_INTERFACE_NAME = re.compile(r"^[^/\s:]{1,15}$")
-_BLOCK_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
+DEFAULT_CONSOLES = ("ttyS0",)
+DEFAULT_CMDLINE = "root=/dev/nvme0n1p1 ro console=ttyS0"
 
 
 @dataclass(frozen=True)
@@ -35,6 +50,17 @@ class HostDescription:
     devices: tuple[DeviceDescription, ...]
     loaded_drivers: tuple[str, ...] = ()
     processes: tuple[ProcessDescription, ...] = ()
+    virtual_interfaces: tuple[VirtualInterfaceDescription, ...] = ()
+    virtual_block_devices: tuple[VirtualBlockDescription, ...] = ()
+    # Active swap devices, as /proc/swaps lists them (/dev/nvme0n1p3).
+    swaps: tuple[str, ...] = ()
+    # The kernel's consoles, as /proc/consoles lists them (ttyS0, tty0).
+    consoles: tuple[str, ...] = DEFAULT_CONSOLES
+    # The kernel command line, /proc/cmdline, whose root= names the root device.
+    cmdline: str = DEFAULT_CMDLINE
+    # Source of the / mount in /proc/mounts in place of the disk's partition. Without
+    # an initramfs the kernel mounts root as /dev/root.
+    root_mount_source: str | None = None
 
     @classmethod
     def from_yaml(cls, path: Path) -> HostDescription:
@@ -81,6 +107,18 @@ class HostDescription:
                 _parse_process(item, f"host {host}", index)
                 for index, item in enumerate(fields.items("processes", required=False))
             ),
+            virtual_interfaces=tuple(
+                _parse_virtual_interface(item, f"host {host}", index)
+                for index, item in enumerate(fields.items("virtual_interfaces", required=False))
+            ),
+            virtual_block_devices=tuple(
+                _parse_virtual_block_device(item, f"host {host}", index)
+                for index, item in enumerate(fields.items("virtual_block_devices", required=False))
+            ),
+            swaps=_parse_swaps(fields),
+            consoles=_parse_consoles(fields, DEFAULT_CONSOLES),
+            cmdline=_parse_cmdline(fields, DEFAULT_CMDLINE),
+            root_mount_source=_optional_dev_path(fields, "root_mount_source"),
         )
         _validate_host(description)
 
@@ -101,6 +139,16 @@ class HostDescription:
 
         return frozenset(names)
 
+    def lower_interfaces(self, virtual: VirtualInterfaceDescription) -> tuple[str, ...]:
+        """Return the interfaces below ``virtual``: its ``lower`` list, then NICs naming it as master."""
+        ports = [
+            device.net.interface
+            for device in self.devices
+            if device.net is not None and device.net.master == virtual.name
+        ]
+
+        return virtual.lower + tuple(port for port in ports if port not in virtual.lower)
+
     def device(self, address: str) -> DeviceDescription:
         """Return the described function at ``address``.
 
@@ -114,7 +162,22 @@ class HostDescription:
         raise KeyError(f"host {self.host} describes no PCI function at {address}")
 
 
-_HOST_FIELDS = frozenset({"host", "iommu", "vfio", "loaded_drivers", "devices", "processes"})
+_HOST_FIELDS = frozenset(
+    {
+        "host",
+        "iommu",
+        "vfio",
+        "loaded_drivers",
+        "devices",
+        "processes",
+        "virtual_interfaces",
+        "virtual_block_devices",
+        "swaps",
+        "consoles",
+        "cmdline",
+        "root_mount_source",
+    }
+)
 _DEVICE_FIELDS = frozenset(
     {
         "address",
@@ -134,11 +197,13 @@ _DEVICE_FIELDS = frozenset(
         "net",
         "block",
         "char_devices",
+        "framebuffer",
+        "drm",
     }
 )
 _SRIOV_FIELDS = frozenset({"totalvfs", "numvfs", "vf_device", "first_vf", "vf_groups", "vf_driver"})
-_NET_FIELDS = frozenset({"interface", "default_route", "addresses"})
-_BLOCK_FIELDS = frozenset({"name", "mounts"})
+_NET_FIELDS = frozenset({"interface", "default_route", "addresses", "master"})
+_BLOCK_FIELDS = frozenset({"name", "mounts", "partitions"})
 _PROCESS_FIELDS = frozenset({"pid", "comm", "open"})
 
 
@@ -170,6 +235,8 @@ def _parse_device(data: object, host_where: str, index: int) -> DeviceDescriptio
         char_devices=tuple(
             _dev_path(path, f"{fields.where}, char_devices") for path in fields.text_list("char_devices")
         ),
+        framebuffer=_parse_display_flag(fields, "framebuffer", class_code),
+        drm=_parse_display_flag(fields, "drm", class_code),
     )
 
 
@@ -182,6 +249,17 @@ def _parse_boot_vga(fields: _Fields, class_code: str) -> bool | None:
         return None
 
     return fields.flag("boot_vga", default=False)
+
+
+def _parse_display_flag(fields: _Fields, key: str, class_code: str) -> bool:
+    value = fields.flag(key, default=False)
+    if value and not class_code.startswith("03"):
+        raise ValueError(
+            f"{fields.where}: field '{key}' applies only to display controllers (class 03xxxx), "
+            f"not class {class_code}"
+        )
+
+    return value
 
 
 def _parse_serial(fields: _Fields) -> str | None:
@@ -234,21 +312,12 @@ def _parse_net(fields: _Fields | None) -> NetDescription | None:
     if fields is None:
         return None
 
-    interface = fields.text("interface")
-    if not _INTERFACE_NAME.match(interface):
-        raise fields.error("interface", "an interface name of 1 to 15 characters without '/', ':' or spaces")
-
-    addresses = []
-    for text in fields.text_list("addresses"):
-        try:
-            addresses.append(str(ipaddress.ip_interface(text)))
-        except ValueError as err:
-            raise ValueError(f"{fields.where}, field 'addresses': {err}") from err
-
+    master = fields.optional_text("master")
     return NetDescription(
-        interface=interface,
+        interface=_interface_name(fields, "interface"),
         default_route=fields.flag("default_route", default=False),
-        addresses=tuple(addresses),
+        addresses=_ip_interfaces(fields, "addresses"),
+        master=_interface_name(fields, "master") if master is not None else None,
     )
 
 
@@ -256,16 +325,11 @@ def _parse_block(fields: _Fields | None) -> BlockDescription | None:
     if fields is None:
         return None
 
-    name = fields.text("name")
-    if not _BLOCK_NAME.match(name):
-        raise fields.error("name", "a block device name such as nvme0n1 or sda")
-
-    mounts = fields.text_list("mounts")
-    for mount in mounts:
-        if not mount.startswith("/") or any(c.isspace() for c in mount):
-            raise fields.error("mounts", "absolute mount points without spaces")
-
-    return BlockDescription(name=name, mounts=mounts)
+    return BlockDescription(
+        name=_block_name(fields, "name"),
+        mounts=_mount_points(fields, "mounts"),
+        partitions=fields.integer("partitions", minimum=0, default=0),
+    )
 
 
 def _parse_process(data: object, host_where: str, index: int) -> ProcessDescription:
@@ -286,3 +350,11 @@ def _dev_path(path: str, where: str) -> str:
         raise ValueError(f"{where}: {path!r} is not a path under /dev")
 
     return path
+
+
+def _optional_dev_path(fields: _Fields, key: str) -> str | None:
+    path = fields.optional_text(key)
+    if path is None:
+        return None
+
+    return _dev_path(path, f"{fields.where}, field '{key}'")

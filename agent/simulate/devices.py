@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 from devpass.pci import PciAddress
 
 VFIO_DRIVER = "vfio-pci"
+
+VirtualInterfaceKind = Literal["bridge", "bond", "vlan"]
+VirtualBlockKind = Literal["dm", "md"]
 
 
 @dataclass(frozen=True)
@@ -48,14 +52,29 @@ class NetDescription:
     interface: str
     default_route: bool = False
     addresses: tuple[str, ...] = ()
+    # The bridge or bond (a ``VirtualInterfaceDescription``) this interface is a port of.
+    master: str | None = None
 
 
 @dataclass(frozen=True)
 class BlockDescription:
-    """Disk of a storage function. Mount ``i`` is on partition ``i + 1``."""
+    """Disk of a storage function. Mount ``i`` is on partition ``i + 1``.
+
+    The disk has ``partitions`` partitions, or one per mount when there are more mounts.
+    """
 
     name: str
     mounts: tuple[str, ...] = ()
+    partitions: int = 0
+
+    @property
+    def partition_count(self) -> int:
+        """Number of partitions on the disk: at least one per mount."""
+        return max(self.partitions, len(self.mounts))
+
+    def partition_names(self) -> list[str]:
+        """Return the kernel's names of all partitions, from partition 1 up."""
+        return [self.partition_name(number) for number in range(1, self.partition_count + 1)]
 
     def partition_name(self, number: int) -> str:
         """Return the kernel's name for partition ``number`` (``nvme0n1p1``, ``sda1``)."""
@@ -89,6 +108,11 @@ class DeviceDescription:
     net: NetDescription | None = None
     block: BlockDescription | None = None
     char_devices: tuple[str, ...] = ()
+    # A display device drives a framebuffer (class/graphics/fbN) or a DRM card
+    # (class/drm/cardN, /dev/dri/cardN and renderD<128+N>) while a driver other than
+    # vfio-pci is bound.
+    framebuffer: bool = False
+    drm: bool = False
 
     @property
     def is_vga(self) -> bool:
@@ -137,3 +161,42 @@ class ProcessDescription:
     pid: int
     comm: str
     open_files: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class VirtualInterfaceDescription:
+    """A bridge, bond or VLAN interface stacked on other interfaces.
+
+    ``lower`` names the interfaces below it: bridge ports, bond slaves or the one
+    parent of a VLAN. NICs whose ``net.master`` names the interface are ports too.
+    """
+
+    name: str
+    kind: VirtualInterfaceKind
+    lower: tuple[str, ...] = ()
+    default_route: bool = False
+    addresses: tuple[str, ...] = ()
+
+    def as_net(self) -> NetDescription:
+        """Return the interface's routing facts in the form NIC interfaces use."""
+        return NetDescription(self.name, self.default_route, self.addresses)
+
+
+@dataclass(frozen=True)
+class VirtualBlockDescription:
+    """A device-mapper (dm-N) or software RAID (mdN) disk built on other block devices."""
+
+    name: str
+    kind: VirtualBlockKind
+    slaves: tuple[str, ...]
+    mounts: tuple[str, ...] = ()
+    # Device-mapper name, linked as /dev/mapper/<dm_name> and used as the mount source.
+    dm_name: str | None = None
+
+    @property
+    def mount_source(self) -> str:
+        """Return the device path that /proc/mounts shows for this disk."""
+        if self.dm_name is not None:
+            return f"/dev/mapper/{self.dm_name}"
+
+        return f"/dev/{self.name}"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from typing import cast
 
@@ -9,6 +10,9 @@ from devpass.errors import InvalidPciAddress
 from devpass.pci import PciAddress
 
 _DRIVER_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
+# Interface names: at most 15 characters (IFNAMSIZ - 1), no '/' or whitespace.
+_INTERFACE_NAME = re.compile(r"^[^/\s:]{1,15}$")
+_BLOCK_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
 
 _MISSING = object()
 
@@ -144,3 +148,40 @@ def _driver_name(name: str, where: str) -> str:
         raise ValueError(f"{where}: invalid driver name {name!r}: use letters, digits, '_', '.' and '-'")
 
     return name
+
+
+def _interface_name(fields: _Fields, key: str) -> str:
+    name = fields.text(key)
+    if not _INTERFACE_NAME.match(name):
+        raise fields.error(key, "an interface name of 1 to 15 characters without '/', ':' or spaces")
+
+    return name
+
+
+def _block_name(fields: _Fields, key: str) -> str:
+    name = fields.text(key)
+    if not _BLOCK_NAME.match(name):
+        raise fields.error(key, "a block device name such as nvme0n1 or sda")
+
+    return name
+
+
+def _ip_interfaces(fields: _Fields, key: str) -> tuple[str, ...]:
+    """Return the addresses with prefix length (192.0.2.10/24) in ``ipaddress``'s canonical form."""
+    addresses = []
+    for text in fields.text_list(key):
+        try:
+            addresses.append(str(ipaddress.ip_interface(text)))
+        except ValueError as err:
+            raise ValueError(f"{fields.where}, field '{key}': {err}") from err
+
+    return tuple(addresses)
+
+
+def _mount_points(fields: _Fields, key: str) -> tuple[str, ...]:
+    mounts = fields.text_list(key)
+    for mount in mounts:
+        if not mount.startswith("/") or any(c.isspace() for c in mount):
+            raise fields.error(key, "absolute mount points without spaces")
+
+    return mounts

@@ -100,7 +100,8 @@ def _route_table(nets: list[NetDescription]) -> str:
             for interface in map(ipaddress.ip_interface, net.addresses)
             if isinstance(interface, ipaddress.IPv4Interface)
         ]
-        if net.default_route:
+        # An interface whose addresses are all IPv6 gets an IPv6 default route only.
+        if net.default_route and (networks or not net.addresses):
             gateway = _default_gateway(networks)
             lines.append(_route_line(net.interface, 0, gateway, 0x0003, 0))
         for interface in networks:
@@ -112,7 +113,42 @@ def _route_table(nets: list[NetDescription]) -> str:
     return "".join(f"{line:<127}\n" for line in lines)
 
 
-def _default_gateway(networks: list[ipaddress.IPv4Interface]) -> int:
+def _ipv6_route_table(nets: list[NetDescription]) -> str:
+    """Format IPv6 routes the way /proc/net/ipv6_route prints them.
+
+    Each line has the destination and its prefix length, the source (always ::/0
+    here), the next hop, metric, reference count, use count, flags and interface, all
+    in hex but the interface name.
+    """
+    lines = []
+    for net in nets:
+        networks = [
+            interface
+            for interface in map(ipaddress.ip_interface, net.addresses)
+            if isinstance(interface, ipaddress.IPv6Interface)
+        ]
+        if net.default_route and networks:
+            gateway = _default_gateway(networks)
+            lines.append(_ipv6_route_line(net.interface, 0, 0, gateway, 1024, 0x0003))
+        for interface in networks:
+            network = interface.network
+            address = int(network.network_address)
+            lines.append(_ipv6_route_line(net.interface, address, network.prefixlen, 0, 256, 0x0001))
+
+    return "".join(line + "\n" for line in lines)
+
+
+def _ipv6_route_line(
+    interface: str, destination: int, prefix: int, gateway: int, metric: int, flags: int
+) -> str:
+    zero = f"{0:032x}"
+    return (
+        f"{destination:032x} {prefix:02x} {zero} 00 {gateway:032x} "
+        f"{metric:08x} {1:08x} {0:08x} {flags:08x} {interface:>8}"
+    )
+
+
+def _default_gateway(networks: list[ipaddress.IPv4Interface] | list[ipaddress.IPv6Interface]) -> int:
     """Return the default gateway: the first address of the first network, skipping the host's own."""
     if not networks:
         return 0
@@ -157,3 +193,36 @@ def _write_file(path: Path, content: str | bytes, mode: int) -> None:
 def _symlink(link: Path, target: Path) -> None:
     """Create ``link`` as a relative link to ``target``, as sysfs links are."""
     os.symlink(os.path.relpath(target, link.parent), link)
+
+
+def _consoles(names: tuple[str, ...]) -> str:
+    """Format /proc/consoles as fs/proc/consoles.c prints it.
+
+    Each line has the name padded to 20 columns, the read, write and unblank
+    operations, the flags and the tty's major:minor. The flags are those of kernels
+    with nbcon consoles: Enabled, Console device, Boot, Nbcon, printbuffer, braille and
+    anytime. The first console is the console device.
+    """
+    lines = []
+    for position, name in enumerate(names):
+        match = re.fullmatch(r"([A-Za-z]+?)([0-9]+)", name)
+        driver, index = (match[1], int(match[2])) if match is not None else (name, 0)
+        consdev = "C" if position == 0 else " "
+        if driver == "tty":
+            # A virtual terminal console writes to the foreground VT, tty1 after boot.
+            line = f"{name:<20} -WU (E{consdev}  p  )    4:{max(index, 1)}"
+        elif driver == "ttyS":
+            line = f"{name:<20} -W- (E{consdev}  p a)    4:{64 + index}"
+        else:
+            line = f"{name:<20} -W- (E{consdev}  p  )"
+        lines.append(line)
+
+    return "".join(line + "\n" for line in lines)
+
+
+def _swaps(paths: tuple[str, ...]) -> str:
+    """Format /proc/swaps: a header, then one partition line per swap device (1 GiB, unused)."""
+    lines = ["Filename\t\t\t\tType\t\tSize\t\tUsed\t\tPriority"]
+    lines += [f"{path:<40}partition\t1048572\t\t0\t\t-2" for path in paths]
+
+    return "".join(line + "\n" for line in lines)

@@ -6,6 +6,7 @@ import os
 from pathlib import Path, PurePosixPath
 
 from agent.simulate.description import HostDescription
+from agent.simulate.files import _consoles, _swaps
 from agent.simulate.kernel import SimulatedKernel
 
 # The kernel keeps at most 15 characters of a command name (TASK_COMM_LEN - 1).
@@ -40,10 +41,13 @@ class SimulatedHost:
         for name in ("sys", "dev", "proc"):
             (base / name).mkdir()
         _write_dev_nodes(description, base / "dev")
-        _write_processes(description, base / "proc", base / "dev")
         _write_mounts(description, base / "proc")
+        _write_kernel_files(description, base / "proc")
+        host = cls(description, base)
+        # Processes come last, because a descriptor of a sysfs file resolves through the booted tree.
+        _write_processes(description, base / "proc", base / "dev", base / "sys")
 
-        return cls(description, base)
+        return host
 
     @property
     def description(self) -> HostDescription:
@@ -83,22 +87,43 @@ def _write_dev_nodes(description: HostDescription, dev_root: Path) -> None:
         nodes.extend(device.char_devices)
         if device.block is not None:
             nodes.append(f"/dev/{device.block.name}")
-            nodes.extend(
-                f"/dev/{device.block.partition_name(number)}"
-                for number in range(1, len(device.block.mounts) + 1)
-            )
+            nodes.extend(f"/dev/{partition}" for partition in device.block.partition_names())
+    nodes.extend(f"/dev/{disk.name}" for disk in description.virtual_block_devices)
 
     for node in nodes:
         path = _under_dev_root(dev_root, node)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.touch()
 
+    # udev links /dev/mapper/<name> to the dm-N node.
+    for disk in description.virtual_block_devices:
+        if disk.dm_name is not None:
+            link = _under_dev_root(dev_root, disk.mount_source)
+            link.parent.mkdir(exist_ok=True)
+            os.symlink(f"../{disk.name}", link)
+
 
 def _under_dev_root(dev_root: Path, path: str) -> Path:
     return dev_root.joinpath(*PurePosixPath(path).parts[2:])
 
 
-def _write_processes(description: HostDescription, proc_root: Path, dev_root: Path) -> None:
+def _descriptor_target(path: str, dev_root: Path, sysfs_root: Path) -> str:
+    """Return where a descriptor link of ``path`` points, as the kernel's d_path shows it.
+
+    A /dev path maps to the simulated dev root, and a /sys path to the simulated sysfs
+    root with its links resolved, so /sys/bus/pci/devices/<address>/resource0 becomes
+    .../sys/devices/pci0000:00/<address>/resource0. Other paths stay as they are.
+    """
+    parts = PurePosixPath(path).parts
+    if parts[:2] == ("/", "dev"):
+        return str(_under_dev_root(dev_root, path))
+    if parts[:2] == ("/", "sys"):
+        return os.path.realpath(sysfs_root.joinpath(*parts[2:]))
+
+    return path
+
+
+def _write_processes(description: HostDescription, proc_root: Path, dev_root: Path, sysfs_root: Path) -> None:
     for process in description.processes:
         process_dir = proc_root / str(process.pid)
         (process_dir / "fd").mkdir(parents=True)
@@ -107,8 +132,7 @@ def _write_processes(description: HostDescription, proc_root: Path, dev_root: Pa
 
         # Descriptors 0 to 2 are the standard streams, as for a daemon started by init.
         targets = [str(dev_root / "null")] * 3 + [
-            str(_under_dev_root(dev_root, path)) if path.startswith("/dev/") else path
-            for path in process.open_files
+            _descriptor_target(path, dev_root, sysfs_root) for path in process.open_files
         ]
         for number, target in enumerate(targets):
             os.symlink(target, process_dir / "fd" / str(number))
@@ -125,8 +149,24 @@ def _write_mounts(description: HostDescription, proc_root: Path) -> None:
         if device.block is None:
             continue
         for number, mount in enumerate(device.block.mounts, start=1):
-            fstype = "vfat" if mount == "/boot/efi" else "ext4"
-            partition = device.block.partition_name(number)
-            lines.append(f"/dev/{partition} {mount} {fstype} rw,relatime 0 0")
+            source = f"/dev/{device.block.partition_name(number)}"
+            lines.append(_mount_line(description, source, mount))
+    for disk in description.virtual_block_devices:
+        lines.extend(_mount_line(description, disk.mount_source, mount) for mount in disk.mounts)
 
     (proc_root / "mounts").write_text("".join(line + "\n" for line in lines))
+
+
+def _mount_line(description: HostDescription, source: str, mount: str) -> str:
+    fstype = "vfat" if mount == "/boot/efi" else "ext4"
+    if mount == "/" and description.root_mount_source is not None:
+        source = description.root_mount_source
+
+    return f"{source} {mount} {fstype} rw,relatime 0 0"
+
+
+def _write_kernel_files(description: HostDescription, proc_root: Path) -> None:
+    """Write /proc/cmdline, /proc/consoles and /proc/swaps."""
+    (proc_root / "cmdline").write_text(description.cmdline + "\n")
+    (proc_root / "consoles").write_text(_consoles(description.consoles))
+    (proc_root / "swaps").write_text(_swaps(description.swaps))
