@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -64,6 +65,46 @@ class PciFunctionInfo:
         return self.driver == VFIO_DRIVER
 
 
+@dataclass(frozen=True)
+class Identity:
+    """What identifies the hardware at an address beyond the address itself."""
+
+    vendor_id: str
+    device_id: str
+    subsystem_vendor_id: str
+    subsystem_device_id: str
+    serial_number: str = ""
+
+    @classmethod
+    def of(cls, function: PciFunctionInfo) -> Identity:
+        return cls(
+            function.vendor_id,
+            function.device_id,
+            function.subsystem_vendor_id,
+            function.subsystem_device_id,
+            function.serial_number,
+        )
+
+    def differences(self, found: Identity) -> list[str]:
+        """List the fields where `found` differs, each as `field expected -> found`."""
+        changed = []
+        for name in (
+            "vendor_id",
+            "device_id",
+            "subsystem_vendor_id",
+            "subsystem_device_id",
+            "serial_number",
+        ):
+            expected, actual = getattr(self, name), getattr(found, name)
+            # A serial number only counts when both sides could read one.
+            if name == "serial_number" and not (expected and actual):
+                continue
+            if expected != actual:
+                changed.append(f"{name} {expected} -> {actual}")
+
+        return changed
+
+
 class Sysfs:
     """Read-only view of the PCI bus under `root`.
 
@@ -80,6 +121,18 @@ class Sysfs:
     @property
     def uses_udev(self) -> bool:
         return self._udev is not None
+
+    def watch(self, on_change: Callable[[str, str], None]) -> Callable[[], None] | None:
+        """Call `on_change(action, pci_address)` from a udev thread when a PCI device comes or goes.
+
+        Returns a function that stops watching, or None without udev (a simulated tree,
+        or a host without libudev), where the periodic rescan of the heartbeat finds
+        changes instead.
+        """
+        if self._udev is None:
+            return None
+
+        return self._udev.watch(on_change)
 
     def iommu_enabled(self) -> bool:
         """Return whether the kernel has IOMMU groups (an IOMMU is present and turned on)."""
@@ -270,6 +323,21 @@ class _UdevView:
         except (ImportError, OSError) as err:
             log.warning("udev_unavailable", error=str(err), fallback="reading /sys directly")
             return None
+
+    def watch(self, on_change: Callable[[str, str], None]) -> Callable[[], None]:
+        import pyudev
+
+        monitor = pyudev.Monitor.from_netlink(self._context)
+        monitor.filter_by(subsystem="pci")
+
+        def handle(device: pyudev.Device) -> None:
+            if device.action in ("add", "remove", "bind", "unbind", "change"):
+                on_change(device.action, device.sys_name)
+
+        observer = pyudev.MonitorObserver(monitor, callback=handle, name="udev-pci")
+        observer.start()
+
+        return observer.send_stop  # type: ignore[no-any-return]
 
     def pci_sys_names(self) -> list[str]:
         return [device.sys_name for device in self._context.list_devices(subsystem="pci")]  # type: ignore[attr-defined]

@@ -98,6 +98,13 @@ class DeviceInUse(DevpassError):
     code = grpc.StatusCode.FAILED_PRECONDITION
 
 
+class DeviceNotPresent(DevpassError):
+    """The registered device no longer shows on its host."""
+
+    reason = "DEVICE_NOT_PRESENT"
+    code = grpc.StatusCode.FAILED_PRECONDITION
+
+
 class IommuUnavailable(DevpassError):
     reason = "IOMMU_UNAVAILABLE"
     code = grpc.StatusCode.FAILED_PRECONDITION
@@ -163,6 +170,27 @@ class DeviceBusy(DevpassError):
 
 class IdentityMismatch(DevpassError):
     reason = "IDENTITY_MISMATCH"
+    code = grpc.StatusCode.FAILED_PRECONDITION
+
+
+class SriovPfHasVfs(DevpassError):
+    """A physical function with enabled virtual functions cannot leave its driver."""
+
+    reason = "SRIOV_PF_HAS_VFS"
+    code = grpc.StatusCode.FAILED_PRECONDITION
+
+
+class WriteTimedOut(DevpassError):
+    """A sysfs write did not return within its deadline; metadata holds the device state."""
+
+    reason = "WRITE_TIMED_OUT"
+    code = grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+class WritePending(DevpassError):
+    """An earlier sysfs write to the device has not returned yet."""
+
+    reason = "WRITE_PENDING"
     code = grpc.StatusCode.FAILED_PRECONDITION
 
 

@@ -45,6 +45,16 @@ class AgentServiceStub:
                 request_serializer=devpass_dot_v1_dot_agent__pb2.ListFunctionsRequest.SerializeToString,
                 response_deserializer=devpass_dot_v1_dot_agent__pb2.ListFunctionsResponse.FromString,
                 _registered_method=True)
+        self.BindFunction = channel.unary_unary(
+                '/devpass.v1.AgentService/BindFunction',
+                request_serializer=devpass_dot_v1_dot_agent__pb2.BindFunctionRequest.SerializeToString,
+                response_deserializer=devpass_dot_v1_dot_agent__pb2.BindFunctionResponse.FromString,
+                _registered_method=True)
+        self.RestoreFunction = channel.unary_unary(
+                '/devpass.v1.AgentService/RestoreFunction',
+                request_serializer=devpass_dot_v1_dot_agent__pb2.RestoreFunctionRequest.SerializeToString,
+                response_deserializer=devpass_dot_v1_dot_agent__pb2.RestoreFunctionResponse.FromString,
+                _registered_method=True)
 
 
 class AgentServiceServicer:
@@ -63,6 +73,20 @@ class AgentServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def BindFunction(self, request, context):
+        """Moves the function (and with include_group its group) to vfio-pci.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RestoreFunction(self, request, context):
+        """Gives the function back to the driver it had before devpass bound it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AgentServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -75,6 +99,16 @@ def add_AgentServiceServicer_to_server(servicer, server):
                     servicer.ListFunctions,
                     request_deserializer=devpass_dot_v1_dot_agent__pb2.ListFunctionsRequest.FromString,
                     response_serializer=devpass_dot_v1_dot_agent__pb2.ListFunctionsResponse.SerializeToString,
+            ),
+            'BindFunction': grpc.unary_unary_rpc_method_handler(
+                    servicer.BindFunction,
+                    request_deserializer=devpass_dot_v1_dot_agent__pb2.BindFunctionRequest.FromString,
+                    response_serializer=devpass_dot_v1_dot_agent__pb2.BindFunctionResponse.SerializeToString,
+            ),
+            'RestoreFunction': grpc.unary_unary_rpc_method_handler(
+                    servicer.RestoreFunction,
+                    request_deserializer=devpass_dot_v1_dot_agent__pb2.RestoreFunctionRequest.FromString,
+                    response_serializer=devpass_dot_v1_dot_agent__pb2.RestoreFunctionResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -132,6 +166,60 @@ class AgentService:
             '/devpass.v1.AgentService/ListFunctions',
             devpass_dot_v1_dot_agent__pb2.ListFunctionsRequest.SerializeToString,
             devpass_dot_v1_dot_agent__pb2.ListFunctionsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def BindFunction(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/devpass.v1.AgentService/BindFunction',
+            devpass_dot_v1_dot_agent__pb2.BindFunctionRequest.SerializeToString,
+            devpass_dot_v1_dot_agent__pb2.BindFunctionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RestoreFunction(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/devpass.v1.AgentService/RestoreFunction',
+            devpass_dot_v1_dot_agent__pb2.RestoreFunctionRequest.SerializeToString,
+            devpass_dot_v1_dot_agent__pb2.RestoreFunctionResponse.FromString,
             options,
             channel_credentials,
             insecure,

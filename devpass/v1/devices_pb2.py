@@ -26,7 +26,7 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from devpass.v1 import pci_pb2 as devpass_dot_v1_dot_pci__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x64\x65vpass/v1/devices.proto\x12\ndevpass.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x14\x64\x65vpass/v1/pci.proto\"\x9c\x04\n\x06\x44\x65vice\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0c\n\x04type\x18\x03 \x01(\t\x12\x13\n\x0bpci_address\x18\x04 \x01(\t\x12\x11\n\tvendor_id\x18\x05 \x01(\t\x12\x11\n\tdevice_id\x18\x06 \x01(\t\x12\x18\n\x0biommu_group\x18\x07 \x01(\x05H\x00\x88\x01\x01\x12\x15\n\rbound_to_vfio\x18\x08 \x01(\x08\x12\x13\n\x0b\x61ttached_to\x18\t \x01(\t\x12.\n\ncreated_at\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0c\n\x04host\x18\x0b \x01(\t\x12\x13\n\x0bvendor_name\x18\x0c \x01(\t\x12\x13\n\x0b\x64\x65vice_name\x18\r \x01(\t\x12\x0e\n\x06\x64river\x18\x0e \x01(\t\x12\x11\n\tnuma_node\x18\x0f \x01(\x05\x12\x1b\n\x13subsystem_vendor_id\x18\x10 \x01(\t\x12\x1b\n\x13subsystem_device_id\x18\x11 \x01(\t\x12\x12\n\nclass_code\x18\x12 \x01(\t\x12\x0f\n\x07present\x18\x13 \x01(\x08\x12\r\n\x05stale\x18\x14 \x01(\x08\x12\x11\n\tsimulated\x18\x15 \x01(\x08\x12\x35\n\x11state_observed_at\x18\x16 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x16\n\x0ehost_available\x18\x17 \x01(\x08\x42\x0e\n\x0c_iommu_group\"H\n\x15RegisterDeviceRequest\x12\x0c\n\x04host\x18\x01 \x01(\t\x12\x13\n\x0bpci_address\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\"&\n\x10GetDeviceRequest\x12\x12\n\nid_or_name\x18\x01 \x01(\t\"W\n\x12ListDevicesRequest\x12\x0c\n\x04host\x18\x01 \x01(\t\x12\x0c\n\x04type\x18\x02 \x01(\t\x12\x11\n\tpage_size\x18\x03 \x01(\x05\x12\x12\n\npage_token\x18\x04 \x01(\t\"S\n\x13ListDevicesResponse\x12#\n\x07\x64\x65vices\x18\x01 \x03(\x0b\x32\x12.devpass.v1.Device\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"-\n\x17UnregisterDeviceRequest\x12\x12\n\nid_or_name\x18\x01 \x01(\t\">\n\x18UnregisterDeviceResponse\x12\"\n\x06\x64\x65vice\x18\x01 \x01(\x0b\x32\x12.devpass.v1.Device\"+\n\x1bListAvailableDevicesRequest\x12\x0c\n\x04host\x18\x01 \x01(\t\"\xa8\x01\n\x0f\x41vailableDevice\x12\x0c\n\x04host\x18\x01 \x01(\t\x12)\n\x08\x66unction\x18\x02 \x01(\x0b\x32\x17.devpass.v1.PciFunction\x12\x30\n\rassignability\x18\x03 \x01(\x0b\x32\x19.devpass.v1.Assignability\x12\x17\n\x0fregistered_name\x18\x04 \x01(\t\x12\x11\n\tsimulated\x18\x05 \x01(\x08\"~\n\x1cListAvailableDevicesResponse\x12,\n\x07\x64\x65vices\x18\x01 \x03(\x0b\x32\x1b.devpass.v1.AvailableDevice\x12\x30\n\x11unreachable_hosts\x18\x02 \x03(\x0b\x32\x15.devpass.v1.HostError\":\n\tHostError\x12\x0c\n\x04host\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x0f\n\x07message\x18\x03 \x01(\t2\xb1\x03\n\rDeviceService\x12G\n\x0eRegisterDevice\x12!.devpass.v1.RegisterDeviceRequest\x1a\x12.devpass.v1.Device\x12=\n\tGetDevice\x12\x1c.devpass.v1.GetDeviceRequest\x1a\x12.devpass.v1.Device\x12N\n\x0bListDevices\x12\x1e.devpass.v1.ListDevicesRequest\x1a\x1f.devpass.v1.ListDevicesResponse\x12]\n\x10UnregisterDevice\x12#.devpass.v1.UnregisterDeviceRequest\x1a$.devpass.v1.UnregisterDeviceResponse\x12i\n\x14ListAvailableDevices\x12\'.devpass.v1.ListAvailableDevicesRequest\x1a(.devpass.v1.ListAvailableDevicesResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x64\x65vpass/v1/devices.proto\x12\ndevpass.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x14\x64\x65vpass/v1/pci.proto\"\xcf\x04\n\x06\x44\x65vice\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0c\n\x04type\x18\x03 \x01(\t\x12\x13\n\x0bpci_address\x18\x04 \x01(\t\x12\x11\n\tvendor_id\x18\x05 \x01(\t\x12\x11\n\tdevice_id\x18\x06 \x01(\t\x12\x18\n\x0biommu_group\x18\x07 \x01(\x05H\x00\x88\x01\x01\x12\x15\n\rbound_to_vfio\x18\x08 \x01(\x08\x12\x13\n\x0b\x61ttached_to\x18\t \x01(\t\x12.\n\ncreated_at\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0c\n\x04host\x18\x0b \x01(\t\x12\x13\n\x0bvendor_name\x18\x0c \x01(\t\x12\x13\n\x0b\x64\x65vice_name\x18\r \x01(\t\x12\x0e\n\x06\x64river\x18\x0e \x01(\t\x12\x11\n\tnuma_node\x18\x0f \x01(\x05\x12\x1b\n\x13subsystem_vendor_id\x18\x10 \x01(\t\x12\x1b\n\x13subsystem_device_id\x18\x11 \x01(\t\x12\x12\n\nclass_code\x18\x12 \x01(\t\x12\x0f\n\x07present\x18\x13 \x01(\x08\x12\r\n\x05stale\x18\x14 \x01(\x08\x12\x11\n\tsimulated\x18\x15 \x01(\x08\x12\x35\n\x11state_observed_at\x18\x16 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x16\n\x0ehost_available\x18\x17 \x01(\x08\x12\x18\n\x10\x62ound_by_devpass\x18\x18 \x01(\x08\x12\x17\n\x0foriginal_driver\x18\x19 \x01(\tB\x0e\n\x0c_iommu_group\"\x95\x01\n\x15RegisterDeviceRequest\x12\x0c\n\x04host\x18\x01 \x01(\t\x12\x13\n\x0bpci_address\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x11\n\tbind_vfio\x18\x04 \x01(\x08\x12\x15\n\rinclude_group\x18\x05 \x01(\x08\x12\r\n\x05\x66orce\x18\x06 \x01(\x08\x12\x12\n\nrequest_id\x18\x07 \x01(\t\"&\n\x10GetDeviceRequest\x12\x12\n\nid_or_name\x18\x01 \x01(\t\"W\n\x12ListDevicesRequest\x12\x0c\n\x04host\x18\x01 \x01(\t\x12\x0c\n\x04type\x18\x02 \x01(\t\x12\x11\n\tpage_size\x18\x03 \x01(\x05\x12\x12\n\npage_token\x18\x04 \x01(\t\"S\n\x13ListDevicesResponse\x12#\n\x07\x64\x65vices\x18\x01 \x03(\x0b\x32\x12.devpass.v1.Device\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"P\n\x17UnregisterDeviceRequest\x12\x12\n\nid_or_name\x18\x01 \x01(\t\x12\r\n\x05\x66orce\x18\x02 \x01(\x08\x12\x12\n\nrequest_id\x18\x03 \x01(\t\"W\n\x18UnregisterDeviceResponse\x12\"\n\x06\x64\x65vice\x18\x01 \x01(\x0b\x32\x12.devpass.v1.Device\x12\x17\n\x0frestored_driver\x18\x02 \x01(\t\"a\n\x11\x42indDeviceRequest\x12\x12\n\nid_or_name\x18\x01 \x01(\t\x12\x15\n\rinclude_group\x18\x02 \x01(\x08\x12\r\n\x05\x66orce\x18\x03 \x01(\x08\x12\x12\n\nrequest_id\x18\x04 \x01(\t\"M\n\x12\x42indDeviceResponse\x12\"\n\x06\x64\x65vice\x18\x01 \x01(\x0b\x32\x12.devpass.v1.Device\x12\x13\n\x0bgroup_bound\x18\x02 \x03(\t\"=\n\x13UnbindDeviceRequest\x12\x12\n\nid_or_name\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\t\"S\n\x14UnbindDeviceResponse\x12\"\n\x06\x64\x65vice\x18\x01 \x01(\x0b\x32\x12.devpass.v1.Device\x12\x17\n\x0frestored_driver\x18\x02 \x01(\t\"x\n\x13\x41ttachDeviceRequest\x12\x12\n\nid_or_name\x18\x01 \x01(\t\x12\x13\n\x0binstance_id\x18\x02 \x01(\t\x12\x15\n\rinclude_group\x18\x03 \x01(\x08\x12\r\n\x05\x66orce\x18\x04 \x01(\x08\x12\x12\n\nrequest_id\x18\x05 \x01(\t\"=\n\x13\x44\x65tachDeviceRequest\x12\x12\n\nid_or_name\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\t\"+\n\x1bListAvailableDevicesRequest\x12\x0c\n\x04host\x18\x01 \x01(\t\"\xa8\x01\n\x0f\x41vailableDevice\x12\x0c\n\x04host\x18\x01 \x01(\t\x12)\n\x08\x66unction\x18\x02 \x01(\x0b\x32\x17.devpass.v1.PciFunction\x12\x30\n\rassignability\x18\x03 \x01(\x0b\x32\x19.devpass.v1.Assignability\x12\x17\n\x0fregistered_name\x18\x04 \x01(\t\x12\x11\n\tsimulated\x18\x05 \x01(\x08\"~\n\x1cListAvailableDevicesResponse\x12,\n\x07\x64\x65vices\x18\x01 \x03(\x0b\x32\x1b.devpass.v1.AvailableDevice\x12\x30\n\x11unreachable_hosts\x18\x02 \x03(\x0b\x32\x15.devpass.v1.HostError\":\n\tHostError\x12\x0c\n\x04host\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x0f\n\x07message\x18\x03 \x01(\t2\xdb\x05\n\rDeviceService\x12G\n\x0eRegisterDevice\x12!.devpass.v1.RegisterDeviceRequest\x1a\x12.devpass.v1.Device\x12=\n\tGetDevice\x12\x1c.devpass.v1.GetDeviceRequest\x1a\x12.devpass.v1.Device\x12N\n\x0bListDevices\x12\x1e.devpass.v1.ListDevicesRequest\x1a\x1f.devpass.v1.ListDevicesResponse\x12]\n\x10UnregisterDevice\x12#.devpass.v1.UnregisterDeviceRequest\x1a$.devpass.v1.UnregisterDeviceResponse\x12i\n\x14ListAvailableDevices\x12\'.devpass.v1.ListAvailableDevicesRequest\x1a(.devpass.v1.ListAvailableDevicesResponse\x12K\n\nBindDevice\x12\x1d.devpass.v1.BindDeviceRequest\x1a\x1e.devpass.v1.BindDeviceResponse\x12Q\n\x0cUnbindDevice\x12\x1f.devpass.v1.UnbindDeviceRequest\x1a .devpass.v1.UnbindDeviceResponse\x12\x43\n\x0c\x41ttachDevice\x12\x1f.devpass.v1.AttachDeviceRequest\x1a\x12.devpass.v1.Device\x12\x43\n\x0c\x44\x65tachDevice\x12\x1f.devpass.v1.DetachDeviceRequest\x1a\x12.devpass.v1.Deviceb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,27 +34,39 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'devpass.v1.devices_pb2', _g
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_DEVICE']._serialized_start=96
-  _globals['_DEVICE']._serialized_end=636
-  _globals['_REGISTERDEVICEREQUEST']._serialized_start=638
-  _globals['_REGISTERDEVICEREQUEST']._serialized_end=710
-  _globals['_GETDEVICEREQUEST']._serialized_start=712
-  _globals['_GETDEVICEREQUEST']._serialized_end=750
-  _globals['_LISTDEVICESREQUEST']._serialized_start=752
-  _globals['_LISTDEVICESREQUEST']._serialized_end=839
-  _globals['_LISTDEVICESRESPONSE']._serialized_start=841
-  _globals['_LISTDEVICESRESPONSE']._serialized_end=924
-  _globals['_UNREGISTERDEVICEREQUEST']._serialized_start=926
-  _globals['_UNREGISTERDEVICEREQUEST']._serialized_end=971
-  _globals['_UNREGISTERDEVICERESPONSE']._serialized_start=973
-  _globals['_UNREGISTERDEVICERESPONSE']._serialized_end=1035
-  _globals['_LISTAVAILABLEDEVICESREQUEST']._serialized_start=1037
-  _globals['_LISTAVAILABLEDEVICESREQUEST']._serialized_end=1080
-  _globals['_AVAILABLEDEVICE']._serialized_start=1083
-  _globals['_AVAILABLEDEVICE']._serialized_end=1251
-  _globals['_LISTAVAILABLEDEVICESRESPONSE']._serialized_start=1253
-  _globals['_LISTAVAILABLEDEVICESRESPONSE']._serialized_end=1379
-  _globals['_HOSTERROR']._serialized_start=1381
-  _globals['_HOSTERROR']._serialized_end=1439
-  _globals['_DEVICESERVICE']._serialized_start=1442
-  _globals['_DEVICESERVICE']._serialized_end=1875
+  _globals['_DEVICE']._serialized_end=687
+  _globals['_REGISTERDEVICEREQUEST']._serialized_start=690
+  _globals['_REGISTERDEVICEREQUEST']._serialized_end=839
+  _globals['_GETDEVICEREQUEST']._serialized_start=841
+  _globals['_GETDEVICEREQUEST']._serialized_end=879
+  _globals['_LISTDEVICESREQUEST']._serialized_start=881
+  _globals['_LISTDEVICESREQUEST']._serialized_end=968
+  _globals['_LISTDEVICESRESPONSE']._serialized_start=970
+  _globals['_LISTDEVICESRESPONSE']._serialized_end=1053
+  _globals['_UNREGISTERDEVICEREQUEST']._serialized_start=1055
+  _globals['_UNREGISTERDEVICEREQUEST']._serialized_end=1135
+  _globals['_UNREGISTERDEVICERESPONSE']._serialized_start=1137
+  _globals['_UNREGISTERDEVICERESPONSE']._serialized_end=1224
+  _globals['_BINDDEVICEREQUEST']._serialized_start=1226
+  _globals['_BINDDEVICEREQUEST']._serialized_end=1323
+  _globals['_BINDDEVICERESPONSE']._serialized_start=1325
+  _globals['_BINDDEVICERESPONSE']._serialized_end=1402
+  _globals['_UNBINDDEVICEREQUEST']._serialized_start=1404
+  _globals['_UNBINDDEVICEREQUEST']._serialized_end=1465
+  _globals['_UNBINDDEVICERESPONSE']._serialized_start=1467
+  _globals['_UNBINDDEVICERESPONSE']._serialized_end=1550
+  _globals['_ATTACHDEVICEREQUEST']._serialized_start=1552
+  _globals['_ATTACHDEVICEREQUEST']._serialized_end=1672
+  _globals['_DETACHDEVICEREQUEST']._serialized_start=1674
+  _globals['_DETACHDEVICEREQUEST']._serialized_end=1735
+  _globals['_LISTAVAILABLEDEVICESREQUEST']._serialized_start=1737
+  _globals['_LISTAVAILABLEDEVICESREQUEST']._serialized_end=1780
+  _globals['_AVAILABLEDEVICE']._serialized_start=1783
+  _globals['_AVAILABLEDEVICE']._serialized_end=1951
+  _globals['_LISTAVAILABLEDEVICESRESPONSE']._serialized_start=1953
+  _globals['_LISTAVAILABLEDEVICESRESPONSE']._serialized_end=2079
+  _globals['_HOSTERROR']._serialized_start=2081
+  _globals['_HOSTERROR']._serialized_end=2139
+  _globals['_DEVICESERVICE']._serialized_start=2142
+  _globals['_DEVICESERVICE']._serialized_end=2873
 # @@protoc_insertion_point(module_scope)

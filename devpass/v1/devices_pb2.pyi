@@ -11,7 +11,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class Device(_message.Message):
-    __slots__ = ("id", "name", "type", "pci_address", "vendor_id", "device_id", "iommu_group", "bound_to_vfio", "attached_to", "created_at", "host", "vendor_name", "device_name", "driver", "numa_node", "subsystem_vendor_id", "subsystem_device_id", "class_code", "present", "stale", "simulated", "state_observed_at", "host_available")
+    __slots__ = ("id", "name", "type", "pci_address", "vendor_id", "device_id", "iommu_group", "bound_to_vfio", "attached_to", "created_at", "host", "vendor_name", "device_name", "driver", "numa_node", "subsystem_vendor_id", "subsystem_device_id", "class_code", "present", "stale", "simulated", "state_observed_at", "host_available", "bound_by_devpass", "original_driver")
     ID_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
     TYPE_FIELD_NUMBER: _ClassVar[int]
@@ -35,6 +35,8 @@ class Device(_message.Message):
     SIMULATED_FIELD_NUMBER: _ClassVar[int]
     STATE_OBSERVED_AT_FIELD_NUMBER: _ClassVar[int]
     HOST_AVAILABLE_FIELD_NUMBER: _ClassVar[int]
+    BOUND_BY_DEVPASS_FIELD_NUMBER: _ClassVar[int]
+    ORIGINAL_DRIVER_FIELD_NUMBER: _ClassVar[int]
     id: str
     name: str
     type: str
@@ -58,17 +60,27 @@ class Device(_message.Message):
     simulated: bool
     state_observed_at: _timestamp_pb2.Timestamp
     host_available: bool
-    def __init__(self, id: _Optional[str] = ..., name: _Optional[str] = ..., type: _Optional[str] = ..., pci_address: _Optional[str] = ..., vendor_id: _Optional[str] = ..., device_id: _Optional[str] = ..., iommu_group: _Optional[int] = ..., bound_to_vfio: _Optional[bool] = ..., attached_to: _Optional[str] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., host: _Optional[str] = ..., vendor_name: _Optional[str] = ..., device_name: _Optional[str] = ..., driver: _Optional[str] = ..., numa_node: _Optional[int] = ..., subsystem_vendor_id: _Optional[str] = ..., subsystem_device_id: _Optional[str] = ..., class_code: _Optional[str] = ..., present: _Optional[bool] = ..., stale: _Optional[bool] = ..., simulated: _Optional[bool] = ..., state_observed_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., host_available: _Optional[bool] = ...) -> None: ...
+    bound_by_devpass: bool
+    original_driver: str
+    def __init__(self, id: _Optional[str] = ..., name: _Optional[str] = ..., type: _Optional[str] = ..., pci_address: _Optional[str] = ..., vendor_id: _Optional[str] = ..., device_id: _Optional[str] = ..., iommu_group: _Optional[int] = ..., bound_to_vfio: _Optional[bool] = ..., attached_to: _Optional[str] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., host: _Optional[str] = ..., vendor_name: _Optional[str] = ..., device_name: _Optional[str] = ..., driver: _Optional[str] = ..., numa_node: _Optional[int] = ..., subsystem_vendor_id: _Optional[str] = ..., subsystem_device_id: _Optional[str] = ..., class_code: _Optional[str] = ..., present: _Optional[bool] = ..., stale: _Optional[bool] = ..., simulated: _Optional[bool] = ..., state_observed_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., host_available: _Optional[bool] = ..., bound_by_devpass: _Optional[bool] = ..., original_driver: _Optional[str] = ...) -> None: ...
 
 class RegisterDeviceRequest(_message.Message):
-    __slots__ = ("host", "pci_address", "name")
+    __slots__ = ("host", "pci_address", "name", "bind_vfio", "include_group", "force", "request_id")
     HOST_FIELD_NUMBER: _ClassVar[int]
     PCI_ADDRESS_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
+    BIND_VFIO_FIELD_NUMBER: _ClassVar[int]
+    INCLUDE_GROUP_FIELD_NUMBER: _ClassVar[int]
+    FORCE_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     host: str
     pci_address: str
     name: str
-    def __init__(self, host: _Optional[str] = ..., pci_address: _Optional[str] = ..., name: _Optional[str] = ...) -> None: ...
+    bind_vfio: bool
+    include_group: bool
+    force: bool
+    request_id: str
+    def __init__(self, host: _Optional[str] = ..., pci_address: _Optional[str] = ..., name: _Optional[str] = ..., bind_vfio: _Optional[bool] = ..., include_group: _Optional[bool] = ..., force: _Optional[bool] = ..., request_id: _Optional[str] = ...) -> None: ...
 
 class GetDeviceRequest(_message.Message):
     __slots__ = ("id_or_name",)
@@ -97,16 +109,80 @@ class ListDevicesResponse(_message.Message):
     def __init__(self, devices: _Optional[_Iterable[_Union[Device, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...
 
 class UnregisterDeviceRequest(_message.Message):
-    __slots__ = ("id_or_name",)
+    __slots__ = ("id_or_name", "force", "request_id")
     ID_OR_NAME_FIELD_NUMBER: _ClassVar[int]
+    FORCE_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     id_or_name: str
-    def __init__(self, id_or_name: _Optional[str] = ...) -> None: ...
+    force: bool
+    request_id: str
+    def __init__(self, id_or_name: _Optional[str] = ..., force: _Optional[bool] = ..., request_id: _Optional[str] = ...) -> None: ...
 
 class UnregisterDeviceResponse(_message.Message):
-    __slots__ = ("device",)
+    __slots__ = ("device", "restored_driver")
     DEVICE_FIELD_NUMBER: _ClassVar[int]
+    RESTORED_DRIVER_FIELD_NUMBER: _ClassVar[int]
     device: Device
-    def __init__(self, device: _Optional[_Union[Device, _Mapping]] = ...) -> None: ...
+    restored_driver: str
+    def __init__(self, device: _Optional[_Union[Device, _Mapping]] = ..., restored_driver: _Optional[str] = ...) -> None: ...
+
+class BindDeviceRequest(_message.Message):
+    __slots__ = ("id_or_name", "include_group", "force", "request_id")
+    ID_OR_NAME_FIELD_NUMBER: _ClassVar[int]
+    INCLUDE_GROUP_FIELD_NUMBER: _ClassVar[int]
+    FORCE_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    id_or_name: str
+    include_group: bool
+    force: bool
+    request_id: str
+    def __init__(self, id_or_name: _Optional[str] = ..., include_group: _Optional[bool] = ..., force: _Optional[bool] = ..., request_id: _Optional[str] = ...) -> None: ...
+
+class BindDeviceResponse(_message.Message):
+    __slots__ = ("device", "group_bound")
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
+    GROUP_BOUND_FIELD_NUMBER: _ClassVar[int]
+    device: Device
+    group_bound: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, device: _Optional[_Union[Device, _Mapping]] = ..., group_bound: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class UnbindDeviceRequest(_message.Message):
+    __slots__ = ("id_or_name", "request_id")
+    ID_OR_NAME_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    id_or_name: str
+    request_id: str
+    def __init__(self, id_or_name: _Optional[str] = ..., request_id: _Optional[str] = ...) -> None: ...
+
+class UnbindDeviceResponse(_message.Message):
+    __slots__ = ("device", "restored_driver")
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
+    RESTORED_DRIVER_FIELD_NUMBER: _ClassVar[int]
+    device: Device
+    restored_driver: str
+    def __init__(self, device: _Optional[_Union[Device, _Mapping]] = ..., restored_driver: _Optional[str] = ...) -> None: ...
+
+class AttachDeviceRequest(_message.Message):
+    __slots__ = ("id_or_name", "instance_id", "include_group", "force", "request_id")
+    ID_OR_NAME_FIELD_NUMBER: _ClassVar[int]
+    INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
+    INCLUDE_GROUP_FIELD_NUMBER: _ClassVar[int]
+    FORCE_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    id_or_name: str
+    instance_id: str
+    include_group: bool
+    force: bool
+    request_id: str
+    def __init__(self, id_or_name: _Optional[str] = ..., instance_id: _Optional[str] = ..., include_group: _Optional[bool] = ..., force: _Optional[bool] = ..., request_id: _Optional[str] = ...) -> None: ...
+
+class DetachDeviceRequest(_message.Message):
+    __slots__ = ("id_or_name", "request_id")
+    ID_OR_NAME_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    id_or_name: str
+    request_id: str
+    def __init__(self, id_or_name: _Optional[str] = ..., request_id: _Optional[str] = ...) -> None: ...
 
 class ListAvailableDevicesRequest(_message.Message):
     __slots__ = ("host",)

@@ -60,6 +60,26 @@ class DeviceServiceStub:
                 request_serializer=devpass_dot_v1_dot_devices__pb2.ListAvailableDevicesRequest.SerializeToString,
                 response_deserializer=devpass_dot_v1_dot_devices__pb2.ListAvailableDevicesResponse.FromString,
                 _registered_method=True)
+        self.BindDevice = channel.unary_unary(
+                '/devpass.v1.DeviceService/BindDevice',
+                request_serializer=devpass_dot_v1_dot_devices__pb2.BindDeviceRequest.SerializeToString,
+                response_deserializer=devpass_dot_v1_dot_devices__pb2.BindDeviceResponse.FromString,
+                _registered_method=True)
+        self.UnbindDevice = channel.unary_unary(
+                '/devpass.v1.DeviceService/UnbindDevice',
+                request_serializer=devpass_dot_v1_dot_devices__pb2.UnbindDeviceRequest.SerializeToString,
+                response_deserializer=devpass_dot_v1_dot_devices__pb2.UnbindDeviceResponse.FromString,
+                _registered_method=True)
+        self.AttachDevice = channel.unary_unary(
+                '/devpass.v1.DeviceService/AttachDevice',
+                request_serializer=devpass_dot_v1_dot_devices__pb2.AttachDeviceRequest.SerializeToString,
+                response_deserializer=devpass_dot_v1_dot_devices__pb2.Device.FromString,
+                _registered_method=True)
+        self.DetachDevice = channel.unary_unary(
+                '/devpass.v1.DeviceService/DetachDevice',
+                request_serializer=devpass_dot_v1_dot_devices__pb2.DetachDeviceRequest.SerializeToString,
+                response_deserializer=devpass_dot_v1_dot_devices__pb2.Device.FromString,
+                _registered_method=True)
 
 
 class DeviceServiceServicer:
@@ -96,6 +116,31 @@ class DeviceServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def BindDevice(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UnbindDevice(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def AttachDevice(self, request, context):
+        """Binds the device to vfio-pci if needed and records the instance it is attached to.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DetachDevice(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_DeviceServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -123,6 +168,26 @@ def add_DeviceServiceServicer_to_server(servicer, server):
                     servicer.ListAvailableDevices,
                     request_deserializer=devpass_dot_v1_dot_devices__pb2.ListAvailableDevicesRequest.FromString,
                     response_serializer=devpass_dot_v1_dot_devices__pb2.ListAvailableDevicesResponse.SerializeToString,
+            ),
+            'BindDevice': grpc.unary_unary_rpc_method_handler(
+                    servicer.BindDevice,
+                    request_deserializer=devpass_dot_v1_dot_devices__pb2.BindDeviceRequest.FromString,
+                    response_serializer=devpass_dot_v1_dot_devices__pb2.BindDeviceResponse.SerializeToString,
+            ),
+            'UnbindDevice': grpc.unary_unary_rpc_method_handler(
+                    servicer.UnbindDevice,
+                    request_deserializer=devpass_dot_v1_dot_devices__pb2.UnbindDeviceRequest.FromString,
+                    response_serializer=devpass_dot_v1_dot_devices__pb2.UnbindDeviceResponse.SerializeToString,
+            ),
+            'AttachDevice': grpc.unary_unary_rpc_method_handler(
+                    servicer.AttachDevice,
+                    request_deserializer=devpass_dot_v1_dot_devices__pb2.AttachDeviceRequest.FromString,
+                    response_serializer=devpass_dot_v1_dot_devices__pb2.Device.SerializeToString,
+            ),
+            'DetachDevice': grpc.unary_unary_rpc_method_handler(
+                    servicer.DetachDevice,
+                    request_deserializer=devpass_dot_v1_dot_devices__pb2.DetachDeviceRequest.FromString,
+                    response_serializer=devpass_dot_v1_dot_devices__pb2.Device.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -261,6 +326,114 @@ class DeviceService:
             '/devpass.v1.DeviceService/ListAvailableDevices',
             devpass_dot_v1_dot_devices__pb2.ListAvailableDevicesRequest.SerializeToString,
             devpass_dot_v1_dot_devices__pb2.ListAvailableDevicesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def BindDevice(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/devpass.v1.DeviceService/BindDevice',
+            devpass_dot_v1_dot_devices__pb2.BindDeviceRequest.SerializeToString,
+            devpass_dot_v1_dot_devices__pb2.BindDeviceResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UnbindDevice(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/devpass.v1.DeviceService/UnbindDevice',
+            devpass_dot_v1_dot_devices__pb2.UnbindDeviceRequest.SerializeToString,
+            devpass_dot_v1_dot_devices__pb2.UnbindDeviceResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AttachDevice(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/devpass.v1.DeviceService/AttachDevice',
+            devpass_dot_v1_dot_devices__pb2.AttachDeviceRequest.SerializeToString,
+            devpass_dot_v1_dot_devices__pb2.Device.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DetachDevice(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/devpass.v1.DeviceService/DetachDevice',
+            devpass_dot_v1_dot_devices__pb2.DetachDeviceRequest.SerializeToString,
+            devpass_dot_v1_dot_devices__pb2.Device.FromString,
             options,
             channel_credentials,
             insecure,
