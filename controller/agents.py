@@ -15,6 +15,29 @@ T = TypeVar("T")
 
 # Every call that crosses to a host has a deadline, so a stuck agent cannot stall a caller.
 DEFAULT_DEADLINE_SECONDS = 10.0
+# Binds and restores make several sysfs writes, each with the agent's own write timeout
+# (5 s by default), and may roll back; they get a longer deadline than reads.
+WRITE_DEADLINE_SECONDS = 60.0
+
+
+@dataclass(frozen=True)
+class Identity:
+    """The hardware identity the registry recorded; agents write nothing where it changed."""
+
+    vendor_id: str
+    device_id: str
+    subsystem_vendor_id: str
+    subsystem_device_id: str
+    serial_number: str
+
+
+@dataclass(frozen=True)
+class Move:
+    """One function's driver change as an agent reported it; empty strings mean no driver."""
+
+    pci_address: str
+    from_driver: str
+    driver: str
 
 
 @dataclass(frozen=True)
@@ -64,8 +87,13 @@ class HostInventory:
 class AgentClients:
     """One channel per agent address, reused across calls; owned by the controller."""
 
-    def __init__(self, deadline_seconds: float = DEFAULT_DEADLINE_SECONDS) -> None:
+    def __init__(
+        self,
+        deadline_seconds: float = DEFAULT_DEADLINE_SECONDS,
+        write_deadline_seconds: float = WRITE_DEADLINE_SECONDS,
+    ) -> None:
         self._deadline = deadline_seconds
+        self._write_deadline = write_deadline_seconds
         self._channels: dict[str, grpc.aio.Channel] = {}
 
     async def close(self) -> None:
@@ -100,19 +128,59 @@ class AgentClients:
             functions=tuple(_report(f) for f in response.functions),
         )
 
+    async def bind(
+        self,
+        host: str,
+        address: str,
+        pci_address: str,
+        expected: Identity,
+        *,
+        include_group: bool,
+        force: bool,
+    ) -> list[Move]:
+        """Move the function (and with `include_group` its group) to vfio-pci.
+
+        Raises:
+            IdentityMismatch, VfioUnavailable, IommuUnavailable, IommuGroupNotViable,
+            HostCriticalDevice, DeviceBusy, SriovPfHasVfs, WritePending: nothing was written.
+            WriteTimedOut, BindFailed: the error's metadata holds the device state.
+            HostUnavailable: the agent did not answer in time.
+        """
+        request = agent_pb2.BindFunctionRequest(
+            pci_address=pci_address, expected=_identity(expected), include_group=include_group, force=force
+        )
+        response = await self._call(host, address, lambda stub: stub.BindFunction, write=True)(request)
+
+        return [Move(m.pci_address, m.from_driver, m.driver) for m in response.moves]
+
+    async def restore(self, host: str, address: str, pci_address: str, expected: Identity) -> Move:
+        """Give the function back to its original driver.
+
+        Raises:
+            IdentityMismatch, WritePending, WriteTimedOut, BindFailed, HostUnavailable.
+        """
+        request = agent_pb2.RestoreFunctionRequest(pci_address=pci_address, expected=_identity(expected))
+        response = await self._call(host, address, lambda stub: stub.RestoreFunction, write=True)(request)
+        move = response.move
+
+        return Move(str(move.pci_address), str(move.from_driver), str(move.driver))
+
     def _call(
         self,
         host: str,
         address: str,
         method: Callable[[agent_pb2_grpc.AgentServiceStub], Callable[..., Awaitable[T]]],
+        *,
+        write: bool = False,
     ) -> Callable[[object], Awaitable[T]]:
         stub = agent_pb2_grpc.AgentServiceStub(self._channel(address))
         bound = method(stub)
+        deadline = self._write_deadline if write else self._deadline
 
         async def invoke(request: object) -> T:
             metadata = ((rpc.REQUEST_ID_HEADER, rpc.current_request_id.get()),)
             try:
-                return await bound(request, timeout=self._deadline, metadata=metadata)
+                return await bound(request, timeout=deadline, metadata=metadata)
             except grpc.aio.AioRpcError as err:
                 raise _translate(host, address, err) from err
 
@@ -144,6 +212,16 @@ def _translate(host: str, address: str, err: grpc.aio.AioRpcError) -> errors.Dev
 
     return errors.DevpassError(
         f"the agent of host {host} failed: {err.code().name}: {err.details()}", host=host
+    )
+
+
+def _identity(identity: Identity) -> agent_pb2.FunctionIdentity:
+    return agent_pb2.FunctionIdentity(
+        vendor_id=identity.vendor_id,
+        device_id=identity.device_id,
+        subsystem_vendor_id=identity.subsystem_vendor_id,
+        subsystem_device_id=identity.subsystem_device_id,
+        serial_number=identity.serial_number,
     )
 
 

@@ -13,10 +13,9 @@ import structlog
 from cuid2 import create_id
 
 from controller.agents import AgentClients, FunctionReport
-from controller.hosts import HostDirectory, HostState
+from controller.hosts import FunctionState, HostDirectory, HostState
 from controller.registry import DeviceRecord, Registry, already_registered
 from devpass.errors import (
-    DeviceInUse,
     DeviceNotFound,
     DevpassError,
     HostUnavailable,
@@ -97,6 +96,9 @@ class Devices:
             raise iommu_unavailable(str(address), host=state.name)
 
         record = await self._insert(state, address, function, name)
+        self._hosts.observe(
+            state.name, record.pci_address, FunctionState(function.driver, function.bound_to_vfio)
+        )
         log.info(
             "device_registered",
             host=record.host,
@@ -105,7 +107,7 @@ class Devices:
             device_id=record.id,
         )
 
-        return self._view(record)
+        return self.view(record)
 
     async def _insert(
         self, state: HostState, address: PciAddress, function: FunctionReport, name: str
@@ -128,7 +130,7 @@ class Devices:
         Raises:
             DeviceNotFound: no device has that id or name.
         """
-        return self._view(await self._find(id_or_name))
+        return self.view(await self.find_record(id_or_name))
 
     async def list_devices(
         self, *, host: str, type: str, page_size: int, page_token: str
@@ -155,26 +157,17 @@ class Devices:
         page = records[:limit]
         next_token = _encode_page_token(page[-1].seq, host=host, type=type) if len(records) > limit else ""
 
-        return [self._view(r) for r in page], next_token
+        return [self.view(r) for r in page], next_token
 
-    async def unregister(self, id_or_name: str) -> DeviceView:
-        """Remove the device's registry entry and return it as it was.
+    async def remove(self, record: DeviceRecord) -> DeviceView:
+        """Delete the registry entry and return the device as it was.
 
         Raises:
-            DeviceNotFound: no device has that id or name.
-            DeviceInUse: the device is attached to an instance.
+            DeviceNotFound: another call removed it first.
         """
-        record = await self._find(id_or_name)
-        if record.attached_to:
-            raise DeviceInUse(
-                f"device {record.name!r} is attached to instance {record.attached_to}; detach it first",
-                device_id=record.id,
-                attached_to=record.attached_to,
-            )
-
-        view = self._view(record)
+        view = self.view(record)
         if not await self._registry.remove_device(record.id):
-            raise _device_not_found(id_or_name)
+            raise _device_not_found(record.id)
         log.info("device_unregistered", host=record.host, pci_address=record.pci_address, name=record.name)
 
         return view
@@ -234,7 +227,7 @@ class Devices:
                 return names
             after = records[-1].seq
 
-    async def _find(self, id_or_name: str) -> DeviceRecord:
+    async def find_record(self, id_or_name: str) -> DeviceRecord:
         if not id_or_name:
             raise InvalidArgument("id_or_name is empty: give a device id or name")
         record = await self._registry.find_device(id_or_name)
@@ -243,7 +236,7 @@ class Devices:
 
         return record
 
-    def _view(self, record: DeviceRecord) -> DeviceView:
+    def view(self, record: DeviceRecord) -> DeviceView:
         state = self._hosts.get(record.host)
         live = state.functions.get(record.pci_address) if state is not None else None
         seen = state is not None and state.last_seen is not None

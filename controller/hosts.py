@@ -85,6 +85,12 @@ class HostDirectory:
             await self._registry.save_host(report.record)
             state.last_saved = now
 
+    def observe(self, host: str, pci_address: str, function: FunctionState) -> None:
+        """Record one function's state that an agent returned outside a heartbeat."""
+        state = self._hosts.get(host)
+        if state is not None:
+            state.functions = {**state.functions, pci_address: function}
+
     def is_available(self, state: HostState) -> bool:
         if state.last_seen is None:
             return False

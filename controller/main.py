@@ -14,9 +14,10 @@ import structlog
 from controller.agents import AgentClients
 from controller.devices import Devices
 from controller.hosts import HostDirectory
+from controller.passthrough import Passthrough
 from controller.registry import Registry
 from controller.registry.sqlite import SqliteRegistry
-from controller.service import DeviceServicer, HostServicer
+from controller.service import DeviceServicer, HostServicer, RequestLog
 from devpass import logs, rpc
 from devpass.errors import DevpassError, InvalidArgument
 from devpass.v1 import devices_pb2, devices_pb2_grpc, hosts_pb2, hosts_pb2_grpc
@@ -123,8 +124,10 @@ async def create_server(config: ControllerConfig) -> Controller:
     agents = AgentClients(deadline_seconds=config.agent_deadline)
 
     server = grpc.aio.server(interceptors=[rpc.RpcInterceptor()])
+    devices = Devices(registry, hosts, agents)
+    passthrough = Passthrough(devices, registry, hosts, agents)
     devices_pb2_grpc.add_DeviceServiceServicer_to_server(
-        DeviceServicer(Devices(registry, hosts, agents)), server
+        DeviceServicer(devices, passthrough, RequestLog(registry)), server
     )
     hosts_pb2_grpc.add_HostServiceServicer_to_server(HostServicer(hosts), server)
     health = rpc.add_standard_services(server, SERVICE_NAMES)

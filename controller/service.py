@@ -2,29 +2,153 @@
 
 from __future__ import annotations
 
+import hashlib
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
+from typing import Any, TypeVar
 
 import grpc
 from google.protobuf import timestamp_pb2
+from google.protobuf.message import Message
 
 from controller.agents import FunctionReport
 from controller.devices import Candidate, Devices, DeviceView
 from controller.hosts import FunctionState, HostDirectory, HostReport
-from controller.registry import HostRecord
+from controller.passthrough import Passthrough
+from controller.registry import HostRecord, Registry, RequestRecord
+from devpass.errors import InvalidArgument
 from devpass.names import validate_host_name
 from devpass.v1 import devices_pb2, devices_pb2_grpc, hosts_pb2, hosts_pb2_grpc, pci_pb2
 
+M = TypeVar("M", bound=Message)
+MAX_REQUEST_ID_LENGTH = 128
+
+
+class RequestLog:
+    """Replay the stored response of a mutating call retried with the same request id."""
+
+    def __init__(self, registry: Registry) -> None:
+        self._registry = registry
+
+    async def run(
+        self, method: str, request: Any, response_type: type[M], action: Callable[[], Awaitable[M]]
+    ) -> M:
+        """Return the first response for `request.request_id`, or run `action` and store its response.
+
+        Raises:
+            InvalidArgument: the id was used before for another method or another request.
+        """
+        request_id: str = request.request_id
+        if not request_id:
+            return await action()
+        if len(request_id) > MAX_REQUEST_ID_LENGTH:
+            raise InvalidArgument(
+                f"request_id is {len(request_id)} characters long; use at most {MAX_REQUEST_ID_LENGTH}",
+                request_id=request_id[:MAX_REQUEST_ID_LENGTH],
+            )
+
+        fingerprint = _fingerprint(request)
+        found = await self._registry.find_request(request_id)
+        if found is not None:
+            if found.method != method or found.fingerprint != fingerprint:
+                raise RequestIdReused(
+                    f"request_id {request_id!r} was already used for a different {found.method} "
+                    "request; use a new request_id for a new request",
+                    request_id=request_id,
+                )
+            replayed: M = response_type.FromString(found.response)
+            return replayed
+
+        response = await action()
+        await self._registry.save_request(
+            RequestRecord(request_id, method, fingerprint, response.SerializeToString(deterministic=True))
+        )
+
+        return response
+
+
+class RequestIdReused(InvalidArgument):
+    reason = "REQUEST_ID_REUSED"
+
+
+def _fingerprint(request: Any) -> str:
+    copy = type(request)()
+    copy.CopyFrom(request)
+    copy.request_id = ""
+
+    return hashlib.sha256(copy.SerializeToString(deterministic=True)).hexdigest()
+
 
 class DeviceServicer(devices_pb2_grpc.DeviceServiceServicer):
-    def __init__(self, devices: Devices) -> None:
+    def __init__(self, devices: Devices, passthrough: Passthrough, requests: RequestLog) -> None:
         self._devices = devices
+        self._passthrough = passthrough
+        self._requests = requests
 
     async def RegisterDevice(
         self, request: devices_pb2.RegisterDeviceRequest, context: grpc.aio.ServicerContext
     ) -> devices_pb2.Device:
-        view = await self._devices.register(request.host, request.pci_address, request.name)
+        async def register() -> devices_pb2.Device:
+            if request.bind_vfio:
+                result = await self._passthrough.register_and_bind(
+                    request.host,
+                    request.pci_address,
+                    request.name,
+                    include_group=request.include_group,
+                    force=request.force,
+                )
+                return device_to_proto(result.device)
+            return device_to_proto(
+                await self._devices.register(request.host, request.pci_address, request.name)
+            )
 
-        return device_to_proto(view)
+        return await self._requests.run("RegisterDevice", request, devices_pb2.Device, register)
+
+    async def BindDevice(
+        self, request: devices_pb2.BindDeviceRequest, context: grpc.aio.ServicerContext
+    ) -> devices_pb2.BindDeviceResponse:
+        async def bind() -> devices_pb2.BindDeviceResponse:
+            result = await self._passthrough.bind(
+                request.id_or_name, include_group=request.include_group, force=request.force
+            )
+            return devices_pb2.BindDeviceResponse(
+                device=device_to_proto(result.device), group_bound=result.group_bound
+            )
+
+        return await self._requests.run("BindDevice", request, devices_pb2.BindDeviceResponse, bind)
+
+    async def UnbindDevice(
+        self, request: devices_pb2.UnbindDeviceRequest, context: grpc.aio.ServicerContext
+    ) -> devices_pb2.UnbindDeviceResponse:
+        async def unbind() -> devices_pb2.UnbindDeviceResponse:
+            result = await self._passthrough.unbind(request.id_or_name)
+            return devices_pb2.UnbindDeviceResponse(
+                device=device_to_proto(result.device), restored_driver=result.restored_driver
+            )
+
+        return await self._requests.run("UnbindDevice", request, devices_pb2.UnbindDeviceResponse, unbind)
+
+    async def AttachDevice(
+        self, request: devices_pb2.AttachDeviceRequest, context: grpc.aio.ServicerContext
+    ) -> devices_pb2.Device:
+        async def attach() -> devices_pb2.Device:
+            view = await self._passthrough.attach(
+                request.id_or_name,
+                request.instance_id,
+                include_group=request.include_group,
+                force=request.force,
+            )
+            return device_to_proto(view)
+
+        return await self._requests.run("AttachDevice", request, devices_pb2.Device, attach)
+
+    async def DetachDevice(
+        self, request: devices_pb2.DetachDeviceRequest, context: grpc.aio.ServicerContext
+    ) -> devices_pb2.Device:
+        async def detach() -> devices_pb2.Device:
+            return device_to_proto(await self._passthrough.detach(request.id_or_name))
+
+        return await self._requests.run("DetachDevice", request, devices_pb2.Device, detach)
 
     async def GetDevice(
         self, request: devices_pb2.GetDeviceRequest, context: grpc.aio.ServicerContext
@@ -48,9 +172,15 @@ class DeviceServicer(devices_pb2_grpc.DeviceServiceServicer):
     async def UnregisterDevice(
         self, request: devices_pb2.UnregisterDeviceRequest, context: grpc.aio.ServicerContext
     ) -> devices_pb2.UnregisterDeviceResponse:
-        view = await self._devices.unregister(request.id_or_name)
+        async def unregister() -> devices_pb2.UnregisterDeviceResponse:
+            result = await self._passthrough.unregister(request.id_or_name, force=request.force)
+            return devices_pb2.UnregisterDeviceResponse(
+                device=device_to_proto(result.device), restored_driver=result.restored_driver
+            )
 
-        return devices_pb2.UnregisterDeviceResponse(device=device_to_proto(view))
+        return await self._requests.run(
+            "UnregisterDevice", request, devices_pb2.UnregisterDeviceResponse, unregister
+        )
 
     async def ListAvailableDevices(
         self, request: devices_pb2.ListAvailableDevicesRequest, context: grpc.aio.ServicerContext
@@ -139,6 +269,8 @@ def device_to_proto(view: DeviceView) -> devices_pb2.Device:
         stale=record.stale,
         simulated=view.simulated,
         host_available=view.host_available,
+        bound_by_devpass=record.bound_by_devpass,
+        original_driver=record.original_driver,
     )
     if record.iommu_group is not None:
         message.iommu_group = record.iommu_group

@@ -27,8 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--controller",
         help=(
-            f"controller address host:port "
-            f"(default: ${client.CONTROLLER_ENV} or {client.DEFAULT_CONTROLLER})"
+            f"controller address host:port (default: ${client.CONTROLLER_ENV} or {client.DEFAULT_CONTROLLER})"
         ),
     )
     parser.add_argument("-o", "--output", choices=("table", "json"), default="table", help="output format")
@@ -62,7 +61,32 @@ def build_parser() -> argparse.ArgumentParser:
         "--host", default="", help="host of the device; optional when one host is connected"
     )
     register.add_argument("--name", default="", help="device name; generated from the address when left out")
+    register.add_argument("--bind-vfio", action="store_true", help="also bind the device to vfio-pci")
+    _add_bind_options(register)
     register.set_defaults(handler=_register)
+
+    bind = devices.add_parser("bind", help="bind a registered device to vfio-pci")
+    bind.add_argument("id_or_name")
+    _add_bind_options(bind)
+    bind.set_defaults(handler=_bind)
+
+    unbind = devices.add_parser(
+        "unbind", help="give a device back to the driver it had before devpass bound it"
+    )
+    unbind.add_argument("id_or_name")
+    _add_request_id(unbind)
+    unbind.set_defaults(handler=_unbind)
+
+    attach = devices.add_parser("attach", help="bind a device if needed and mark it attached to an instance")
+    attach.add_argument("id_or_name")
+    attach.add_argument("instance_id", help="the virtual machine instance taking the device")
+    _add_bind_options(attach)
+    attach.set_defaults(handler=_attach)
+
+    detach = devices.add_parser("detach", help="clear a device's attachment; it stays on vfio-pci")
+    detach.add_argument("id_or_name")
+    _add_request_id(detach)
+    detach.set_defaults(handler=_detach)
 
     listing = devices.add_parser("list", help="list registered devices")
     listing.add_argument("--host", default="", help="only devices of this host")
@@ -77,8 +101,16 @@ def build_parser() -> argparse.ArgumentParser:
     get.add_argument("id_or_name")
     get.set_defaults(handler=_get)
 
-    delete = devices.add_parser("delete", help="unregister a device")
+    delete = devices.add_parser(
+        "delete", help="unregister a device, giving it back to its driver if devpass bound it"
+    )
     delete.add_argument("id_or_name")
+    delete.add_argument(
+        "--force",
+        action="store_true",
+        help="unregister even while attached, or when giving the device back to its driver fails",
+    )
+    _add_request_id(delete)
     delete.set_defaults(handler=_delete)
 
     available = devices.add_parser(
@@ -91,6 +123,24 @@ def build_parser() -> argparse.ArgumentParser:
     hosts.add_parser("list", help="list hosts and their state").set_defaults(handler=_hosts)
 
     return parser
+
+
+def _add_bind_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--include-group",
+        action="store_true",
+        help="bind every function of the device's IOMMU group together",
+    )
+    parser.add_argument(
+        "--force", action="store_true", help="bind even a device the host depends on (logged by the agent)"
+    )
+    _add_request_id(parser)
+
+
+def _add_request_id(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--request-id", default="", help="id that makes a retry of this call return the first result"
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -131,7 +181,62 @@ def _devices_stub(args: argparse.Namespace) -> devices_pb2_grpc.DeviceServiceStu
 
 def _register(args: argparse.Namespace) -> None:
     device = _devices_stub(args).RegisterDevice(
-        devices_pb2.RegisterDeviceRequest(host=args.host, pci_address=args.pci_address, name=args.name)
+        devices_pb2.RegisterDeviceRequest(
+            host=args.host,
+            pci_address=args.pci_address,
+            name=args.name,
+            bind_vfio=args.bind_vfio,
+            include_group=args.include_group,
+            force=args.force,
+            request_id=args.request_id,
+        )
+    )
+    _print_devices(args, [device], single=True)
+
+
+def _bind(args: argparse.Namespace) -> None:
+    response = _devices_stub(args).BindDevice(
+        devices_pb2.BindDeviceRequest(
+            id_or_name=args.id_or_name,
+            include_group=args.include_group,
+            force=args.force,
+            request_id=args.request_id,
+        )
+    )
+    if args.output == "json":
+        _print_json(_to_dict(response))
+        return
+    _print_devices(args, [response.device])
+    if response.group_bound:
+        print(f"also bound from the same IOMMU group: {', '.join(response.group_bound)}")
+
+
+def _unbind(args: argparse.Namespace) -> None:
+    response = _devices_stub(args).UnbindDevice(
+        devices_pb2.UnbindDeviceRequest(id_or_name=args.id_or_name, request_id=args.request_id)
+    )
+    if args.output == "json":
+        _print_json(_to_dict(response))
+        return
+    print(f"{response.device.name} is back on {response.restored_driver or 'no driver'}")
+
+
+def _attach(args: argparse.Namespace) -> None:
+    device = _devices_stub(args).AttachDevice(
+        devices_pb2.AttachDeviceRequest(
+            id_or_name=args.id_or_name,
+            instance_id=args.instance_id,
+            include_group=args.include_group,
+            force=args.force,
+            request_id=args.request_id,
+        )
+    )
+    _print_devices(args, [device], single=True)
+
+
+def _detach(args: argparse.Namespace) -> None:
+    device = _devices_stub(args).DetachDevice(
+        devices_pb2.DetachDeviceRequest(id_or_name=args.id_or_name, request_id=args.request_id)
     )
     _print_devices(args, [device], single=True)
 
@@ -168,12 +273,16 @@ def _get(args: argparse.Namespace) -> None:
 
 def _delete(args: argparse.Namespace) -> None:
     response = _devices_stub(args).UnregisterDevice(
-        devices_pb2.UnregisterDeviceRequest(id_or_name=args.id_or_name)
+        devices_pb2.UnregisterDeviceRequest(
+            id_or_name=args.id_or_name, force=args.force, request_id=args.request_id
+        )
     )
     if args.output == "json":
         _print_json(_to_dict(response))
         return
-    print(f"unregistered {response.device.name} ({response.device.pci_address} on {response.device.host})")
+    device = response.device
+    restored = f"; back on {response.restored_driver}" if response.restored_driver else ""
+    print(f"unregistered {device.name} ({device.pci_address} on {device.host}){restored}")
 
 
 def _available(args: argparse.Namespace) -> None:

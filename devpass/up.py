@@ -107,7 +107,7 @@ def _start_agents(
             extra = ["--simulate", str(Path(description).resolve()), "--simulate-dir", str(tree)]
             hosts.append(_start_agent(children, f"agent-{index}", controller, extra, log_dir, run_dir))
     else:
-        extra = ["--sysfs-root", str(args.sysfs_root)]
+        extra = ["--sysfs-root", str(args.sysfs_root), "--state-dir", str(state_dir / "agent")]
         hosts.append(_start_agent(children, "agent", controller, extra, log_dir, run_dir))
 
     return hosts

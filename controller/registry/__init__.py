@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Protocol
 
-from devpass.errors import DeviceAlreadyRegistered, NameTaken
+from devpass.errors import DeviceAlreadyRegistered, DeviceInUse, DeviceNotFound, NameTaken
 
 
 @dataclass(frozen=True)
@@ -35,8 +35,23 @@ class DeviceRecord:
     created_at: datetime
     attached_to: str = ""
     stale: bool = False
+    # True while devpass holds the device on vfio-pci; the desired state to restore after a reboot.
+    bound_by_devpass: bool = False
+    # Driver to give the device back to; empty when it had none.
+    original_driver: str = ""
     # Insertion order, assigned by the backend; pagination walks it.
     seq: int = 0
+
+
+@dataclass(frozen=True)
+class RequestRecord:
+    """The stored outcome of a mutating call that carried a request id."""
+
+    request_id: str
+    method: str
+    # Hash of the request without its request id; a retry must match it.
+    fingerprint: str
+    response: bytes
 
 
 @dataclass(frozen=True)
@@ -79,6 +94,26 @@ class Registry(Protocol):
     async def remove_device(self, device_id: str) -> bool:
         """Delete the device; return whether it existed."""
 
+    async def set_binding(self, device_id: str, *, bound_by_devpass: bool, original_driver: str) -> None:
+        """Record whether devpass holds the device on vfio-pci, and its original driver."""
+
+    async def claim_attachment(self, device_id: str, instance_id: str) -> DeviceRecord:
+        """Set `attached_to` if the device is free, atomically, and return the updated record.
+
+        Raises:
+            DeviceInUse: the device is attached already.
+            DeviceNotFound: the device is gone.
+        """
+
+    async def release_attachment(self, device_id: str) -> None: ...
+
+    async def mark_stale(self, device_id: str) -> None: ...
+
+    async def find_request(self, request_id: str) -> RequestRecord | None: ...
+
+    async def save_request(self, record: RequestRecord) -> None:
+        """Store a call's outcome; an existing record with the same id is kept."""
+
     async def save_host(self, host: HostRecord) -> None:
         """Insert or update the host under its name."""
 
@@ -106,4 +141,21 @@ def already_registered(owner: DeviceRecord) -> DeviceAlreadyRegistered:
         pci_address=owner.pci_address,
         owner_id=owner.id,
         owner_name=owner.name,
+    )
+
+
+def device_in_use(record: DeviceRecord) -> DeviceInUse:
+    """Build the error for a device that an instance holds."""
+    return DeviceInUse(
+        f"device {record.name!r} ({record.pci_address} on {record.host}) is attached to instance "
+        f"{record.attached_to}; detach it first",
+        device_id=record.id,
+        attached_to=record.attached_to,
+    )
+
+
+def device_gone(device_id: str) -> DeviceNotFound:
+    return DeviceNotFound(
+        f"device {device_id} was unregistered while the call ran; list devices with `devpass devices list`",
+        id_or_name=device_id,
     )

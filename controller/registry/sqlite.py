@@ -17,7 +17,15 @@ from typing import Any, TypeVar
 
 import structlog
 
-from controller.registry import DeviceRecord, HostRecord, already_registered, name_taken
+from controller.registry import (
+    DeviceRecord,
+    HostRecord,
+    RequestRecord,
+    already_registered,
+    device_gone,
+    device_in_use,
+    name_taken,
+)
 from devpass.errors import RegistryUnavailable
 
 T = TypeVar("T")
@@ -62,12 +70,26 @@ MIGRATIONS: list[tuple[int, str]] = [
         );
         """,
     ),
+    (
+        2,
+        """
+        ALTER TABLE devices ADD COLUMN bound_by_devpass INTEGER NOT NULL DEFAULT 0;
+        ALTER TABLE devices ADD COLUMN original_driver TEXT NOT NULL DEFAULT '';
+        CREATE TABLE requests (
+            request_id TEXT PRIMARY KEY,
+            method TEXT NOT NULL,
+            fingerprint TEXT NOT NULL,
+            response BLOB NOT NULL,
+            created_at TEXT NOT NULL
+        );
+        """,
+    ),
 ]
 
 _DEVICE_COLUMNS = (
     "seq, id, name, host, pci_address, type, vendor_id, device_id, subsystem_vendor_id, "
     "subsystem_device_id, class_code, serial_number, vendor_name, device_name, iommu_group, "
-    "numa_node, attached_to, stale, created_at"
+    "numa_node, attached_to, stale, created_at, bound_by_devpass, original_driver"
 )
 
 
@@ -100,6 +122,33 @@ class SqliteRegistry:
 
     async def remove_device(self, device_id: str) -> bool:
         return await self._run(self._remove_device, device_id)
+
+    async def set_binding(self, device_id: str, *, bound_by_devpass: bool, original_driver: str) -> None:
+        await self._run(
+            self._execute,
+            "UPDATE devices SET bound_by_devpass = ?, original_driver = ? WHERE id = ?",
+            (int(bound_by_devpass), original_driver, device_id),
+        )
+
+    async def claim_attachment(self, device_id: str, instance_id: str) -> DeviceRecord:
+        return await self._run(self._claim_attachment, device_id, instance_id)
+
+    async def release_attachment(self, device_id: str) -> None:
+        await self._run(self._execute, "UPDATE devices SET attached_to = '' WHERE id = ?", (device_id,))
+
+    async def mark_stale(self, device_id: str) -> None:
+        await self._run(self._execute, "UPDATE devices SET stale = 1 WHERE id = ?", (device_id,))
+
+    async def find_request(self, request_id: str) -> RequestRecord | None:
+        return await self._run(self._find_request, request_id)
+
+    async def save_request(self, record: RequestRecord) -> None:
+        await self._run(
+            self._execute,
+            "INSERT INTO requests (request_id, method, fingerprint, response, created_at) "
+            "VALUES (?, ?, ?, ?, ?) ON CONFLICT (request_id) DO NOTHING",
+            (record.request_id, record.method, record.fingerprint, record.response, _now()),
+        )
 
     async def save_host(self, host: HostRecord) -> None:
         await self._run(self._save_host, host)
@@ -170,7 +219,7 @@ class SqliteRegistry:
         try:
             cursor = self._db().execute(
                 f"INSERT INTO devices ({_DEVICE_COLUMNS}) VALUES "
-                "(NULL, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "(NULL, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     record.id,
                     record.name,
@@ -190,6 +239,8 @@ class SqliteRegistry:
                     record.attached_to,
                     int(record.stale),
                     record.created_at.isoformat(),
+                    int(record.bound_by_devpass),
+                    record.original_driver,
                 ),
             )
         except sqlite3.IntegrityError as err:
@@ -225,6 +276,37 @@ class SqliteRegistry:
         )
 
         return [_device(row) for row in rows]
+
+    def _execute(self, statement: str, params: tuple[Any, ...]) -> None:
+        self._db().execute(statement, params)
+
+    def _claim_attachment(self, device_id: str, instance_id: str) -> DeviceRecord:
+        # The WHERE clause makes the claim a compare-and-set: of two concurrent attaches,
+        # only one finds attached_to empty.
+        cursor = self._db().execute(
+            "UPDATE devices SET attached_to = ? WHERE id = ? AND attached_to = ''", (instance_id, device_id)
+        )
+        record = self._one_device("id = ?", (device_id,))
+        if record is None:
+            raise device_gone(device_id)
+        if cursor.rowcount == 0:
+            raise device_in_use(record)
+
+        return record
+
+    def _find_request(self, request_id: str) -> RequestRecord | None:
+        row = (
+            self._db()
+            .execute(
+                "SELECT request_id, method, fingerprint, response FROM requests WHERE request_id = ?",
+                (request_id,),
+            )
+            .fetchone()
+        )
+        if row is None:
+            return None
+
+        return RequestRecord(row["request_id"], row["method"], row["fingerprint"], bytes(row["response"]))
 
     def _remove_device(self, device_id: str) -> bool:
         cursor = self._db().execute("DELETE FROM devices WHERE id = ?", (device_id,))
@@ -288,6 +370,8 @@ def _device(row: sqlite3.Row) -> DeviceRecord:
         attached_to=row["attached_to"],
         stale=bool(row["stale"]),
         created_at=datetime.fromisoformat(row["created_at"]),
+        bound_by_devpass=bool(row["bound_by_devpass"]),
+        original_driver=row["original_driver"],
     )
 
 

@@ -11,6 +11,7 @@ from agent import safety
 from agent.pciids import PciIds
 from agent.simulate import HostDescription, SimulatedHost
 from agent.sysfs import Sysfs
+from agent.usage import HostUsageScanner
 from devpass.errors import PciDeviceNotFound
 from devpass.pci import PciAddress
 from tests.conftest import HOSTS_DIR
@@ -88,21 +89,28 @@ def test_link_escaping_root_is_rejected(tmp_path: Path) -> None:
         sysfs.read_function(PciAddress.parse("0000:ff:00.0"))
 
 
+def _usage(host: SimulatedHost) -> HostUsageScanner:
+    return HostUsageScanner(host.sysfs_root, host.proc_root, host.dev_root)
+
+
 def test_no_iommu(tmp_path: Path) -> None:
-    _, sysfs = _host(tmp_path, "no-iommu.yaml")
+    host, sysfs = _host(tmp_path, "no-iommu.yaml")
     gpu = sysfs.read_function(PciAddress.parse("0000:a2:00.0"))
 
     assert not sysfs.iommu_enabled()
     assert not sysfs.vfio_available()
     assert gpu.iommu_group is None
-    assert [b.reason for b in safety.blockers(sysfs, gpu)] == ["IOMMU_UNAVAILABLE", "VFIO_UNAVAILABLE"]
+    assert [b.reason for b in safety.blockers(sysfs, _usage(host), gpu)] == [
+        "IOMMU_UNAVAILABLE",
+        "VFIO_UNAVAILABLE",
+    ]
 
 
 def test_gpu_audio_group_blocker(tmp_path: Path) -> None:
-    _, sysfs = _host(tmp_path, "workstation.yaml")
+    host, sysfs = _host(tmp_path, "workstation.yaml")
     gpu = sysfs.read_function(PciAddress.parse("0000:01:00.0"))
 
-    blockers = safety.blockers(sysfs, gpu)
+    blockers = safety.blockers(sysfs, _usage(host), gpu)
 
     assert [b.reason for b in blockers] == ["IOMMU_GROUP_NOT_VIABLE"]
     # The root port shares the group but is a bridge, so only the audio function blocks.
@@ -123,7 +131,7 @@ def test_sibling_on_vfio_does_not_block(tmp_path: Path) -> None:
 
     assert moved.bound_to_vfio
     assert moved.driver_override == "vfio-pci"
-    assert safety.blockers(sysfs, gpu) == []
+    assert safety.blockers(sysfs, _usage(host), gpu) == []
 
 
 def test_late_vfs_name_their_pf(tmp_path: Path) -> None:

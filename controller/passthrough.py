@@ -1,0 +1,284 @@
+"""Binding registered devices to vfio-pci, attaching them to instances, and giving them back."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import structlog
+
+from controller.agents import AgentClients, Identity, Move
+from controller.devices import Devices, DeviceView
+from controller.hosts import FunctionState, HostDirectory
+from controller.registry import DeviceRecord, Registry, device_in_use
+from devpass.errors import (
+    DeviceNotPresent,
+    DevpassError,
+    IdentityMismatch,
+    InvalidArgument,
+    PciDeviceNotFound,
+)
+from devpass.names import validate_name
+
+log = structlog.get_logger()
+
+VFIO_DRIVER = "vfio-pci"
+
+
+@dataclass(frozen=True)
+class BindResult:
+    device: DeviceView
+    # Other functions of the group that moved with the device.
+    group_bound: list[str]
+
+
+@dataclass(frozen=True)
+class ReleaseResult:
+    device: DeviceView
+    # Driver the device went back to; empty when devpass had not bound it or it had none.
+    restored_driver: str
+
+
+class Passthrough:
+    """Drive the agents' binds and restores and keep the registry's record of them.
+
+    The registry's `bound_by_devpass` and `original_driver` say what devpass did to a
+    device; `attached_to` says which instance holds it. Nothing here writes to a host
+    directly: agents do, after their own safety checks.
+    """
+
+    def __init__(
+        self, devices: Devices, registry: Registry, hosts: HostDirectory, agents: AgentClients
+    ) -> None:
+        self._devices = devices
+        self._registry = registry
+        self._hosts = hosts
+        self._agents = agents
+
+    async def register_and_bind(
+        self, host: str, pci_address: str, name: str, *, include_group: bool, force: bool
+    ) -> BindResult:
+        """Register the device and bind it; on any bind failure the entry is removed again.
+
+        The entry is stored before the bind, so of two callers racing for one name, the
+        loser fails on the name and never touches the hardware.
+
+        Raises:
+            Everything `Devices.register` and `bind` raise.
+        """
+        view = await self._devices.register(host, pci_address, name)
+        try:
+            return await self._bind_record(view.record, include_group=include_group, force=force)
+        except DevpassError:
+            await self._registry.remove_device(view.record.id)
+            log.info("device_registration_undone", name=view.record.name, pci_address=view.record.pci_address)
+            raise
+
+    async def bind(self, id_or_name: str, *, include_group: bool, force: bool) -> BindResult:
+        """Bind a registered device to vfio-pci.
+
+        Raises:
+            DeviceNotFound, HostUnavailable, IdentityMismatch (and the entry turns stale),
+            and the agent's refusals: VfioUnavailable, IommuGroupNotViable, HostCriticalDevice,
+            DeviceBusy, SriovPfHasVfs, WritePending, WriteTimedOut, BindFailed.
+        """
+        record = await self._devices.find_record(id_or_name)
+
+        return await self._bind_record(record, include_group=include_group, force=force)
+
+    async def unbind(self, id_or_name: str) -> ReleaseResult:
+        """Give a device that devpass bound back to its original driver.
+
+        Raises:
+            DeviceNotFound, DeviceInUse, HostUnavailable, IdentityMismatch, WriteTimedOut,
+            BindFailed.
+        """
+        record = await self._devices.find_record(id_or_name)
+        if record.attached_to:
+            raise device_in_use(record)
+
+        restored = await self._restore(record)
+
+        return ReleaseResult(await self._current(record), restored)
+
+    async def attach(
+        self, id_or_name: str, instance_id: str, *, include_group: bool, force: bool
+    ) -> DeviceView:
+        """Bind the device if needed and record `instance_id` as its holder.
+
+        Raises:
+            InvalidArgument: the instance id is malformed.
+            DeviceInUse: another attach holds the device.
+            DeviceNotPresent: the host no longer shows the device.
+            Everything `bind` raises; the attachment is released again then.
+        """
+        if not instance_id:
+            raise InvalidArgument("instance_id is empty: name the instance that takes the device")
+        validate_name(instance_id)
+        record = await self._devices.find_record(id_or_name)
+        await self._require_present(record)
+
+        claimed = await self._registry.claim_attachment(record.id, instance_id)
+        try:
+            view = self._devices.view(claimed)
+            if not view.bound_to_vfio:
+                await self._bind_record(claimed, include_group=include_group, force=force)
+        except DevpassError:
+            await self._registry.release_attachment(record.id)
+            raise
+        log.info("device_attached", name=record.name, instance_id=instance_id)
+
+        return await self._current(record)
+
+    async def detach(self, id_or_name: str) -> DeviceView:
+        """Clear the device's attachment; the device stays bound to vfio-pci."""
+        record = await self._devices.find_record(id_or_name)
+        if record.attached_to:
+            await self._registry.release_attachment(record.id)
+            log.info("device_detached", name=record.name, instance_id=record.attached_to)
+
+        return await self._current(record)
+
+    async def unregister(self, id_or_name: str, *, force: bool) -> ReleaseResult:
+        """Give the device back to its driver if devpass bound it, then delete the entry.
+
+        A device the host no longer shows is unregistered without any write. With
+        `force`, an attached device is unregistered too, and a failed restore does not
+        keep the entry.
+
+        Raises:
+            DeviceNotFound, DeviceInUse, and the restore's errors unless `force`.
+        """
+        record = await self._devices.find_record(id_or_name)
+        if record.attached_to and not force:
+            raise device_in_use(record)
+
+        restored = ""
+        if record.bound_by_devpass and self._devices.view(record).present:
+            try:
+                restored = await self._restore(record)
+            except DevpassError as err:
+                if not force:
+                    raise
+                log.warning(
+                    "device_restore_skipped",
+                    name=record.name,
+                    pci_address=record.pci_address,
+                    reason=err.reason,
+                    error=err.message,
+                    check="the device may still be on vfio-pci; give it back to its driver by hand",
+                )
+
+        return ReleaseResult(await self._devices.remove(record), restored)
+
+    async def _bind_record(self, record: DeviceRecord, *, include_group: bool, force: bool) -> BindResult:
+        if record.stale:
+            raise _stale(record)
+        state = self._hosts.resolve(record.host)
+
+        try:
+            moves = await self._agents.bind(
+                state.name,
+                state.record.agent_address,
+                record.pci_address,
+                _identity(record),
+                include_group=include_group,
+                force=force,
+            )
+        except IdentityMismatch:
+            await self._registry.mark_stale(record.id)
+            log.warning(
+                "device_marked_stale", name=record.name, pci_address=record.pci_address, host=record.host
+            )
+            raise
+        except PciDeviceNotFound as err:
+            raise _not_present(record) from err
+
+        own = next((m for m in moves if m.pci_address == record.pci_address), None)
+        self._observe(record.host, moves)
+        if own is not None and own.from_driver != VFIO_DRIVER:
+            await self._registry.set_binding(
+                record.id, bound_by_devpass=True, original_driver=own.from_driver
+            )
+        log.info("device_bound", name=record.name, pci_address=record.pci_address, host=record.host)
+
+        return BindResult(
+            await self._current(record), [m.pci_address for m in moves if m.pci_address != record.pci_address]
+        )
+
+    async def _restore(self, record: DeviceRecord) -> str:
+        if record.stale:
+            raise _stale(record)
+        state = self._hosts.resolve(record.host)
+
+        try:
+            move = await self._agents.restore(
+                state.name, state.record.agent_address, record.pci_address, _identity(record)
+            )
+        except IdentityMismatch:
+            await self._registry.mark_stale(record.id)
+            raise
+
+        self._observe(record.host, [move])
+        await self._registry.set_binding(record.id, bound_by_devpass=False, original_driver="")
+        log.info("device_unbound", name=record.name, pci_address=record.pci_address, driver=move.driver)
+
+        return move.driver
+
+    async def _require_present(self, record: DeviceRecord) -> None:
+        """Raise DeviceNotPresent when the host no longer has the device.
+
+        The last heartbeat answers when it shows the device; otherwise the agent is asked,
+        because a device can appear (a new VF) between two heartbeats.
+        """
+        if self._devices.view(record).present:
+            return
+
+        state = self._hosts.resolve(record.host)
+        try:
+            function = await self._agents.inspect(state.name, state.record.agent_address, record.pci_address)
+        except PciDeviceNotFound as err:
+            raise _not_present(record) from err
+        self._hosts.observe(
+            record.host, record.pci_address, FunctionState(function.driver, function.bound_to_vfio)
+        )
+
+    def _observe(self, host: str, moves: list[Move]) -> None:
+        """Record the agent's fresh driver state, so reads show it before the next heartbeat."""
+        for move in moves:
+            self._hosts.observe(
+                host, move.pci_address, FunctionState(move.driver, move.driver == VFIO_DRIVER)
+            )
+
+    async def _current(self, record: DeviceRecord) -> DeviceView:
+        fresh = await self._registry.find_device(record.id)
+
+        return self._devices.view(fresh or record)
+
+
+def _identity(record: DeviceRecord) -> Identity:
+    return Identity(
+        record.vendor_id,
+        record.device_id,
+        record.subsystem_vendor_id,
+        record.subsystem_device_id,
+        record.serial_number,
+    )
+
+
+def _not_present(record: DeviceRecord) -> DeviceNotPresent:
+    return DeviceNotPresent(
+        f"{record.pci_address} is no longer present on host {record.host} (removed or hot-unplugged); "
+        "unregister the entry, or bring the device back with a PCI rescan",
+        pci_address=record.pci_address,
+        host=record.host,
+    )
+
+
+def _stale(record: DeviceRecord) -> IdentityMismatch:
+    return IdentityMismatch(
+        f"device {record.name!r} is stale: {record.pci_address} on {record.host} held other hardware "
+        "at the last check, so devpass writes nothing there. Unregister the entry and register the "
+        "device again",
+        pci_address=record.pci_address,
+        host=record.host,
+    )
