@@ -32,9 +32,12 @@ system-deps:
 run: system-deps venv
 	$(BIN)/devpass up --state-dir $(STATE_DIR)
 
+# The kernel tests boot a QEMU guest; tests.kernel.assets installs qemu-system-x86 and
+# caches the guest's Debian kernel and busybox under .cache/kernel (about 470 MB).
 test: system-deps venv
 	$(BIN)/ruff check devpass controller agent tests
 	$(BIN)/mypy devpass controller agent
+	$(PY) -m tests.kernel.assets
 	$(PY) -m pytest -q
 
 protos: venv
