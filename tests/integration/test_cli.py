@@ -172,3 +172,32 @@ def _processes_mentioning(text: str) -> list[int]:
             pids.append(int(entry.name))
 
     return pids
+
+
+def test_bind_attach_detach_unbind(processes: Processes, tmp_path: Path) -> None:
+    fleet = start_fleet(processes, tmp_path / "state", {"l4-01": "l4.yaml"})
+    address = fleet.controller.address
+    assert devpass(address, "devices", "register", "a2:00.0", "--name", "l4").returncode == 0
+
+    bound = devpass(address, "-o", "json", "devices", "bind", "l4")
+    assert bound.returncode == 0, bound.stderr
+    assert json.loads(bound.stdout)["device"]["bound_to_vfio"] is True
+
+    attached = devpass(address, "-o", "json", "devices", "attach", "l4", "vm-7")
+    assert attached.returncode == 0, attached.stderr
+    assert json.loads(attached.stdout)["attached_to"] == "vm-7"
+    again = devpass(address, "devices", "attach", "l4", "vm-8")
+    assert again.returncode == 1
+    assert again.stderr.startswith("error: DEVICE_IN_USE: ")
+    in_use = devpass(address, "devices", "delete", "l4")
+    assert in_use.returncode == 1
+    assert "detach it first" in in_use.stderr
+
+    assert devpass(address, "devices", "detach", "l4").returncode == 0
+    unbound = devpass(address, "devices", "unbind", "l4")
+    assert unbound.returncode == 0, unbound.stderr
+    assert unbound.stdout.strip() == "l4 is back on nvidia"
+
+    critical = devpass(address, "devices", "register", "01:00.0", "--bind-vfio")
+    assert critical.returncode == 1
+    assert critical.stderr.startswith("error: HOST_CRITICAL_DEVICE: ")
