@@ -12,8 +12,9 @@ APT_PACKAGES := pciutils pci.ids
 
 $(BIN)/devpass: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[test]'
+	$(PY) -m pip install --quiet --retries 10 --upgrade pip
+	# A second attempt covers a download cut off half way, which pip does not retry.
+	$(PY) -m pip install --quiet --retries 10 -e '.[test]' || $(PY) -m pip install --quiet --retries 10 -e '.[test]'
 	touch $@
 
 venv: $(BIN)/devpass
