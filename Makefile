@@ -6,7 +6,7 @@ VENV ?= .venv
 STATE_DIR ?= .state
 BIN := $(VENV)/bin
 PY := $(BIN)/python
-APT_PACKAGES := pciutils pci.ids
+APT_PACKAGES := pciutils pci.ids postgresql
 
 .PHONY: run test venv system-deps protos lint typecheck clean
 
@@ -20,7 +20,8 @@ $(BIN)/devpass: pyproject.toml
 venv: $(BIN)/devpass
 
 # Installs the Debian packages that devpass reads (pci.ids for vendor and device
-# names) and that the tests compare against (pciutils for lspci).
+# names), that the tests compare against (pciutils for lspci), and the PostgreSQL
+# server whose throwaway clusters the registry tests start.
 system-deps:
 	@missing=""; for p in $(APT_PACKAGES); do \
 	  dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \

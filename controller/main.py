@@ -63,7 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--state-dir", type=Path, default=DEFAULT_STATE_DIR, help="directory of the SQLite registry file"
     )
     parser.add_argument(
-        "--database", help="registry URL: sqlite:///PATH (default: STATE_DIR/registry.sqlite3)"
+        "--database",
+        help="registry URL: sqlite:///PATH (default: STATE_DIR/registry.sqlite3) or postgresql://USER@HOST/DATABASE",
     )
     parser.add_argument(
         "--heartbeat-interval", type=float, default=2.0, help="seconds between agent heartbeats"
@@ -96,7 +97,16 @@ def open_registry(config: ControllerConfig) -> Registry:
     if url.startswith("sqlite:///"):
         return SqliteRegistry(Path(url.removeprefix("sqlite:///")))
 
-    raise InvalidArgument(f"unsupported --database {url!r}: use sqlite:///PATH", database=url.split("@")[-1])
+    if url.startswith(("postgresql://", "postgres://")):
+        from controller.registry.postgres import PostgresRegistry
+
+        return PostgresRegistry(url)
+
+    location = url.split("@")[-1]
+    raise InvalidArgument(
+        f"unsupported --database {location!r}: use sqlite:///PATH or postgresql://USER@HOST/DATABASE",
+        database=location,
+    )
 
 
 @dataclass

@@ -16,6 +16,7 @@ import grpc
 import pytest
 
 from devpass.v1 import devices_pb2_grpc, hosts_pb2, hosts_pb2_grpc
+from tests.postgres import PostgresServer
 
 ROOT = Path(__file__).resolve().parents[1]
 HOSTS_DIR = ROOT / "tests" / "hosts"
@@ -170,3 +171,13 @@ def start_fleet(processes: Processes, state_dir: Path, descriptions: dict[str, s
         devices=devices_pb2_grpc.DeviceServiceStub(channel),
         hosts=hosts_pb2_grpc.HostServiceStub(channel),
     )
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[PostgresServer]:
+    """Start a throwaway PostgreSQL cluster for the session (as the postgres user when root)."""
+    server = PostgresServer()
+    try:
+        yield server
+    finally:
+        server.destroy()

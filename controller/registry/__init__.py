@@ -6,9 +6,10 @@ constraints, so two writers can never both win a name.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Protocol
+from typing import Any, Protocol
 
 from devpass.errors import DeviceAlreadyRegistered, DeviceInUse, DeviceNotFound, NameTaken
 
@@ -158,4 +159,43 @@ def device_gone(device_id: str) -> DeviceNotFound:
     return DeviceNotFound(
         f"device {device_id} was unregistered while the call ran; list devices with `devpass devices list`",
         id_or_name=device_id,
+    )
+
+
+# Columns of the devices table in the order both backends select them.
+DEVICE_COLUMNS = (
+    "seq, id, name, host, pci_address, type, vendor_id, device_id, subsystem_vendor_id, "
+    "subsystem_device_id, class_code, serial_number, vendor_name, device_name, iommu_group, "
+    "numa_node, attached_to, stale, created_at, bound_by_devpass, original_driver"
+)
+
+
+def device_from_row(row: Mapping[str, Any]) -> DeviceRecord:
+    """Build a record from a row of DEVICE_COLUMNS; SQLite stores times as ISO text."""
+    created_at = row["created_at"]
+    if isinstance(created_at, str):
+        created_at = datetime.fromisoformat(created_at)
+
+    return DeviceRecord(
+        seq=row["seq"],
+        id=row["id"],
+        name=row["name"],
+        host=row["host"],
+        pci_address=row["pci_address"],
+        type=row["type"],
+        vendor_id=row["vendor_id"],
+        device_id=row["device_id"],
+        subsystem_vendor_id=row["subsystem_vendor_id"],
+        subsystem_device_id=row["subsystem_device_id"],
+        class_code=row["class_code"],
+        serial_number=row["serial_number"],
+        vendor_name=row["vendor_name"],
+        device_name=row["device_name"],
+        iommu_group=row["iommu_group"],
+        numa_node=row["numa_node"],
+        attached_to=row["attached_to"],
+        stale=bool(row["stale"]),
+        created_at=created_at,
+        bound_by_devpass=bool(row["bound_by_devpass"]),
+        original_driver=row["original_driver"],
     )

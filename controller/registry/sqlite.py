@@ -18,10 +18,12 @@ from typing import Any, TypeVar
 import structlog
 
 from controller.registry import (
+    DEVICE_COLUMNS,
     DeviceRecord,
     HostRecord,
     RequestRecord,
     already_registered,
+    device_from_row,
     device_gone,
     device_in_use,
     name_taken,
@@ -86,11 +88,7 @@ MIGRATIONS: list[tuple[int, str]] = [
     ),
 ]
 
-_DEVICE_COLUMNS = (
-    "seq, id, name, host, pci_address, type, vendor_id, device_id, subsystem_vendor_id, "
-    "subsystem_device_id, class_code, serial_number, vendor_name, device_name, iommu_group, "
-    "numa_node, attached_to, stale, created_at, bound_by_devpass, original_driver"
-)
+_DEVICE_COLUMNS = DEVICE_COLUMNS
 
 
 class SqliteRegistry:
@@ -266,7 +264,7 @@ class SqliteRegistry:
             .fetchone()
         )
 
-        return _device(row) if row is not None else None
+        return device_from_row(row) if row is not None else None
 
     def _list_devices(self, host: str, type: str, after_seq: int, limit: int) -> list[DeviceRecord]:
         rows = self._db().execute(
@@ -275,7 +273,7 @@ class SqliteRegistry:
             (after_seq, host, host, type, type, limit),
         )
 
-        return [_device(row) for row in rows]
+        return [device_from_row(row) for row in rows]
 
     def _execute(self, statement: str, params: tuple[Any, ...]) -> None:
         self._db().execute(statement, params)
@@ -347,32 +345,6 @@ class SqliteRegistry:
             )
             for row in rows
         ]
-
-
-def _device(row: sqlite3.Row) -> DeviceRecord:
-    return DeviceRecord(
-        seq=row["seq"],
-        id=row["id"],
-        name=row["name"],
-        host=row["host"],
-        pci_address=row["pci_address"],
-        type=row["type"],
-        vendor_id=row["vendor_id"],
-        device_id=row["device_id"],
-        subsystem_vendor_id=row["subsystem_vendor_id"],
-        subsystem_device_id=row["subsystem_device_id"],
-        class_code=row["class_code"],
-        serial_number=row["serial_number"],
-        vendor_name=row["vendor_name"],
-        device_name=row["device_name"],
-        iommu_group=row["iommu_group"],
-        numa_node=row["numa_node"],
-        attached_to=row["attached_to"],
-        stale=bool(row["stale"]),
-        created_at=datetime.fromisoformat(row["created_at"]),
-        bound_by_devpass=bool(row["bound_by_devpass"]),
-        original_driver=row["original_driver"],
-    )
 
 
 def _now() -> str:

@@ -11,9 +11,10 @@ from typing import TypeVar
 
 import pytest
 
-from controller.registry import DeviceRecord, HostRecord, Registry
+from controller.registry import DeviceRecord, HostRecord, Registry, RequestRecord
+from controller.registry.postgres import PostgresRegistry
 from controller.registry.sqlite import SqliteRegistry
-from devpass.errors import DeviceAlreadyRegistered, NameTaken
+from devpass.errors import DeviceAlreadyRegistered, DeviceInUse, DeviceNotFound, NameTaken
 
 T = TypeVar("T")
 
@@ -41,12 +42,13 @@ def _record(
     )
 
 
-@pytest.fixture(params=["sqlite"])
+@pytest.fixture(params=["sqlite", "postgresql"])
 def open_registry(request: pytest.FixtureRequest, tmp_path: Path) -> Callable[[], Registry]:
-    def factory() -> Registry:
-        return SqliteRegistry(tmp_path / "nested" / "registry.sqlite3")
+    if request.param == "postgresql":
+        url = request.getfixturevalue("postgres").new_database()
+        return lambda: PostgresRegistry(url)
 
-    return factory
+    return lambda: SqliteRegistry(tmp_path / "nested" / "registry.sqlite3")
 
 
 def run(open_registry: Callable[[], Registry], body: Callable[[Registry], Awaitable[T]]) -> T:
@@ -149,3 +151,84 @@ def test_survives_reopen(open_registry: Callable[[], Registry]) -> None:
     stored = run(open_registry, lambda registry: registry.add_device(_record("id1", "gpu-a")))
 
     assert run(open_registry, lambda registry: registry.find_device("id1")) == stored
+
+
+def test_concurrent_name_race_has_one_winner(open_registry: Callable[[], Registry]) -> None:
+    async def body(registry: Registry) -> list[BaseException | DeviceRecord]:
+        attempts = [
+            registry.add_device(_record(f"id{i}", "contested", host=f"h{i}", address="0000:a2:00.0"))
+            for i in range(20)
+        ]
+        return await asyncio.gather(*attempts, return_exceptions=True)
+
+    results = run(open_registry, body)
+
+    winners = [r for r in results if isinstance(r, DeviceRecord)]
+    losers = [r for r in results if isinstance(r, NameTaken)]
+    assert len(winners) == 1
+    assert len(losers) == 19
+    assert {loser.metadata["owner_id"] for loser in losers} == {winners[0].id}
+
+
+def test_claim_attachment_once(open_registry: Callable[[], Registry]) -> None:
+    async def body(registry: Registry) -> None:
+        await registry.add_device(_record("id1", "gpu-a"))
+        results = await asyncio.gather(
+            *(registry.claim_attachment("id1", f"vm-{i}") for i in range(5)), return_exceptions=True
+        )
+        claimed = [r for r in results if isinstance(r, DeviceRecord)]
+        rejected = [r for r in results if isinstance(r, DeviceInUse)]
+
+        assert len(claimed) == 1
+        assert len(rejected) == 4
+        stored = await registry.find_device("id1")
+        assert stored is not None
+        assert stored.attached_to == claimed[0].attached_to
+        await registry.release_attachment("id1")
+        released = await registry.find_device("id1")
+        assert released is not None
+        assert released.attached_to == ""
+        with pytest.raises(DeviceNotFound):
+            await registry.claim_attachment("missing", "vm-1")
+
+    run(open_registry, body)
+
+
+def test_binding_and_stale_flags(open_registry: Callable[[], Registry]) -> None:
+    async def body(registry: Registry) -> None:
+        await registry.add_device(_record("id1", "gpu-a"))
+        await registry.set_binding("id1", bound_by_devpass=True, original_driver="nvidia")
+        await registry.mark_stale("id1")
+
+        stored = await registry.find_device("id1")
+        assert stored is not None
+        assert stored.bound_by_devpass is True
+        assert stored.original_driver == "nvidia"
+        assert stored.stale is True
+
+    run(open_registry, body)
+
+
+def test_requests_keep_first_outcome(open_registry: Callable[[], Registry]) -> None:
+    async def body(registry: Registry) -> None:
+        await registry.save_request(RequestRecord("r1", "RegisterDevice", "f1", b"first"))
+        await registry.save_request(RequestRecord("r1", "RegisterDevice", "f2", b"second"))
+
+        assert await registry.find_request("r1") == RequestRecord("r1", "RegisterDevice", "f1", b"first")
+        assert await registry.find_request("r2") is None
+
+    run(open_registry, body)
+
+
+def test_concurrent_open_migrates_once(open_registry: Callable[[], Registry]) -> None:
+    async def main() -> None:
+        registries = [open_registry() for _ in range(4)]
+        await asyncio.gather(*(r.open() for r in registries))
+        try:
+            await registries[0].add_device(_record("id1", "gpu-a"))
+            assert (await registries[3].find_device("gpu-a")) is not None
+        finally:
+            for registry in registries:
+                await registry.close()
+
+    asyncio.run(main())
