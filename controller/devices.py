@@ -6,7 +6,7 @@ import asyncio
 import base64
 import binascii
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 
 import structlog
@@ -71,8 +71,11 @@ class Devices:
         self._hosts = hosts
         self._agents = agents
 
-    async def register(self, host: str, pci_address: str, name: str) -> DeviceView:
+    async def register(self, host: str, pci_address: str, name: str, request_id: str = "") -> DeviceView:
         """Register the function at `pci_address` on `host` under `name`, or a generated name.
+
+        A retry whose `request_id` created the existing entry returns that entry, so a call
+        acknowledged to nobody (the controller died before answering) converges on retry.
 
         Raises:
             InvalidPciAddress, InvalidName: malformed input; nothing is read.
@@ -85,9 +88,11 @@ class Devices:
         address = PciAddress.parse(pci_address)
         if name:
             validate_name(name)
-        state = self._hosts.resolve(host)
+        state = await self._hosts.resolve(host)
 
         existing = await self._registry.device_at(state.name, str(address))
+        if existing is not None and request_id and existing.request_id == request_id:
+            return self.view(existing)
         if existing is not None:
             raise already_registered(existing)
 
@@ -95,7 +100,7 @@ class Devices:
         if function.iommu_group is None:
             raise iommu_unavailable(str(address), host=state.name)
 
-        record = await self._insert(state, address, function, name)
+        record = await self._insert(state, address, function, name, request_id)
         self._hosts.observe(
             state.name, record.pci_address, FunctionState(function.driver, function.bound_to_vfio)
         )
@@ -110,9 +115,9 @@ class Devices:
         return self.view(record)
 
     async def _insert(
-        self, state: HostState, address: PciAddress, function: FunctionReport, name: str
+        self, state: HostState, address: PciAddress, function: FunctionReport, name: str, request_id: str
     ) -> DeviceRecord:
-        record = _new_record(state.name, address, function, name or auto_name(address))
+        record = _new_record(state.name, address, function, name or auto_name(address), request_id)
         if name:
             return await self._registry.add_device(record)
 
@@ -122,7 +127,7 @@ class Devices:
             # Another device owns the plain generated name, most often the same address on
             # another host, so this one is qualified by its host.
             qualified = host_qualified_name(address, state.name)
-            return await self._registry.add_device(_new_record(state.name, address, function, qualified))
+            return await self._registry.add_device(replace(record, name=qualified))
 
     async def get(self, id_or_name: str) -> DeviceView:
         """Return the device with this id or name.
@@ -181,9 +186,10 @@ class Devices:
             HostUnknown, HostUnavailable: a named host cannot be asked.
         """
         if host:
-            targets = [self._hosts.resolve(host)]
+            targets = [await self._hosts.resolve(host)]
             failures: list[HostFailure] = []
         else:
+            await self._hosts.refresh()
             targets = [s for s in self._hosts.hosts() if self._hosts.is_available(s)]
             failures = [
                 HostFailure(s.name, _unavailable(s.name))
@@ -239,7 +245,9 @@ class Devices:
     def view(self, record: DeviceRecord) -> DeviceView:
         state = self._hosts.get(record.host)
         live = state.functions.get(record.pci_address) if state is not None else None
-        seen = state is not None and state.last_seen is not None
+        # A host whose functions were never reported (no heartbeat yet) has unknown
+        # presence, which reads as present rather than as removed.
+        seen = state is not None and (state.last_seen is not None or bool(state.functions))
 
         return DeviceView(
             record=record,
@@ -252,7 +260,9 @@ class Devices:
         )
 
 
-def _new_record(host: str, address: PciAddress, function: FunctionReport, name: str) -> DeviceRecord:
+def _new_record(
+    host: str, address: PciAddress, function: FunctionReport, name: str, request_id: str
+) -> DeviceRecord:
     return DeviceRecord(
         id=create_id(),
         name=name,
@@ -270,6 +280,7 @@ def _new_record(host: str, address: PciAddress, function: FunctionReport, name: 
         iommu_group=function.iommu_group,
         numa_node=function.numa_node,
         created_at=datetime.now(UTC),
+        request_id=request_id,
     )
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
@@ -38,7 +39,6 @@ class HostState:
     functions: dict[str, FunctionState] = field(default_factory=dict)
     # Monotonic time of the last heartbeat this controller received; None until the first.
     last_seen: float | None = None
-    last_saved: float = 0.0
 
     @property
     def name(self) -> str:
@@ -48,9 +48,11 @@ class HostState:
 class HostDirectory:
     """Track hosts by heartbeat; a host is available while its heartbeats keep arriving.
 
-    A host counts as unavailable once `missed_heartbeats` intervals pass without one. Host
-    records persist in the registry, so a restarted controller still knows every host
-    (as unavailable until its agent calls again).
+    A host counts as unavailable once `missed_heartbeats` intervals pass without one.
+    Every heartbeat is stored in the registry, so controllers that share a database agree
+    on liveness whichever of them received the heartbeat, and a restarted controller
+    knows every host. Live function state (drivers) stays with the controller that
+    received the heartbeat.
     """
 
     def __init__(self, registry: Registry, *, interval: float, missed_heartbeats: int) -> None:
@@ -60,8 +62,7 @@ class HostDirectory:
         self._hosts: dict[str, HostState] = {}
 
     async def load(self) -> None:
-        for record in await self._registry.list_hosts():
-            self._hosts[record.name] = HostState(record)
+        await self.refresh()
 
     async def heartbeat(self, report: HostReport) -> None:
         """Record a heartbeat, announcing the host when it is new or comes back."""
@@ -75,15 +76,20 @@ class HostDirectory:
         elif not was_available:
             log.info("host_available", host=state.name, agent_address=report.record.agent_address)
 
-        changed = replace(state.record, last_heartbeat=report.record.last_heartbeat) != report.record
-        state.record = report.record
+        state.record = replace(report.record, functions=_encode_functions(report.functions))
         state.functions = report.functions
         state.last_seen = now
-        # The stored heartbeat time is only a hint for a restarted controller, so it is
-        # written when something else changes or every ten intervals, not at every beat.
-        if changed or not was_available or now - state.last_saved > 10 * self.interval:
-            await self._registry.save_host(report.record)
-            state.last_saved = now
+        await self._registry.save_host(state.record)
+
+    async def refresh(self) -> None:
+        """Load heartbeats that other controllers stored since this one last looked."""
+        for record in await self._registry.list_hosts():
+            state = self._hosts.get(record.name)
+            if state is None:
+                self._hosts[record.name] = HostState(record, _decode_functions(record.functions))
+            elif record.last_heartbeat > state.record.last_heartbeat:
+                state.record = record
+                state.functions = _decode_functions(record.functions)
 
     def observe(self, host: str, pci_address: str, function: FunctionState) -> None:
         """Record one function's state that an agent returned outside a heartbeat."""
@@ -92,17 +98,15 @@ class HostDirectory:
             state.functions = {**state.functions, pci_address: function}
 
     def is_available(self, state: HostState) -> bool:
-        if state.last_seen is None:
-            return False
-
-        return time.monotonic() - state.last_seen <= self.interval * self.missed_heartbeats
+        return self.heartbeat_age(state) <= self.interval * self.missed_heartbeats
 
     def heartbeat_age(self, state: HostState) -> float:
-        """Return seconds since the host's last heartbeat, from the stored time when none arrived here."""
-        if state.last_seen is not None:
-            return time.monotonic() - state.last_seen
+        """Return seconds since the host's last heartbeat, here or at another controller."""
+        stored = (datetime.now(UTC) - state.record.last_heartbeat).total_seconds()
+        if state.last_seen is None:
+            return stored
 
-        return (datetime.now(UTC) - state.record.last_heartbeat).total_seconds()
+        return min(stored, time.monotonic() - state.last_seen)
 
     def hosts(self) -> list[HostState]:
         return sorted(self._hosts.values(), key=lambda s: s.name)
@@ -110,7 +114,7 @@ class HostDirectory:
     def get(self, name: str) -> HostState | None:
         return self._hosts.get(name)
 
-    def resolve(self, name: str) -> HostState:
+    async def resolve(self, name: str) -> HostState:
         """Return the available host called `name`, or the only available host when `name` is empty.
 
         Raises:
@@ -118,6 +122,9 @@ class HostDirectory:
             HostUnavailable: the host missed its heartbeats.
             HostRequired: `name` is empty and there is not exactly one available host.
         """
+        state = self._hosts.get(name) if name else None
+        if state is None or not self.is_available(state):
+            await self.refresh()
         if not name:
             return self._only_host()
 
@@ -155,3 +162,11 @@ class HostDirectory:
             f"no host given, and {len(available)} hosts are connected ({names}); name the host with --host",
             connected_hosts=str(len(available)),
         )
+
+
+def _encode_functions(functions: dict[str, FunctionState]) -> str:
+    return json.dumps({address: [f.driver, f.bound_to_vfio] for address, f in functions.items()})
+
+
+def _decode_functions(text: str) -> dict[str, FunctionState]:
+    return {address: FunctionState(driver, bound) for address, (driver, bound) in json.loads(text).items()}

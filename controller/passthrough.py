@@ -55,7 +55,14 @@ class Passthrough:
         self._agents = agents
 
     async def register_and_bind(
-        self, host: str, pci_address: str, name: str, *, include_group: bool, force: bool
+        self,
+        host: str,
+        pci_address: str,
+        name: str,
+        *,
+        include_group: bool,
+        force: bool,
+        request_id: str = "",
     ) -> BindResult:
         """Register the device and bind it; on any bind failure the entry is removed again.
 
@@ -65,7 +72,7 @@ class Passthrough:
         Raises:
             Everything `Devices.register` and `bind` raise.
         """
-        view = await self._devices.register(host, pci_address, name)
+        view = await self._devices.register(host, pci_address, name, request_id)
         try:
             return await self._bind_record(view.record, include_group=include_group, force=force)
         except DevpassError:
@@ -173,7 +180,7 @@ class Passthrough:
     async def _bind_record(self, record: DeviceRecord, *, include_group: bool, force: bool) -> BindResult:
         if record.stale:
             raise _stale(record)
-        state = self._hosts.resolve(record.host)
+        state = await self._hosts.resolve(record.host)
 
         try:
             moves = await self._agents.bind(
@@ -208,7 +215,7 @@ class Passthrough:
     async def _restore(self, record: DeviceRecord) -> str:
         if record.stale:
             raise _stale(record)
-        state = self._hosts.resolve(record.host)
+        state = await self._hosts.resolve(record.host)
 
         try:
             move = await self._agents.restore(
@@ -233,7 +240,7 @@ class Passthrough:
         if self._devices.view(record).present:
             return
 
-        state = self._hosts.resolve(record.host)
+        state = await self._hosts.resolve(record.host)
         try:
             function = await self._agents.inspect(state.name, state.record.agent_address, record.pci_address)
         except PciDeviceNotFound as err:

@@ -96,11 +96,13 @@ class DeviceServicer(devices_pb2_grpc.DeviceServiceServicer):
                     request.name,
                     include_group=request.include_group,
                     force=request.force,
+                    request_id=request.request_id,
                 )
                 return device_to_proto(result.device)
-            return device_to_proto(
-                await self._devices.register(request.host, request.pci_address, request.name)
+            view = await self._devices.register(
+                request.host, request.pci_address, request.name, request.request_id
             )
+            return device_to_proto(view)
 
         return await self._requests.run("RegisterDevice", request, devices_pb2.Device, register)
 
@@ -224,6 +226,7 @@ class HostServicer(hosts_pb2_grpc.HostServiceServicer):
     async def ListHosts(
         self, request: hosts_pb2.ListHostsRequest, context: grpc.aio.ServicerContext
     ) -> hosts_pb2.ListHostsResponse:
+        await self._hosts.refresh()
         hosts = []
         for state in self._hosts.hosts():
             record = state.record

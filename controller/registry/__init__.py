@@ -40,6 +40,8 @@ class DeviceRecord:
     bound_by_devpass: bool = False
     # Driver to give the device back to; empty when it had none.
     original_driver: str = ""
+    # request_id of the RegisterDevice call that created the entry, so a retry finds it.
+    request_id: str = ""
     # Insertion order, assigned by the backend; pagination walks it.
     seq: int = 0
 
@@ -66,6 +68,8 @@ class HostRecord:
     vfio_available: bool
     simulated: bool
     last_heartbeat: datetime
+    # The host's PCI functions at that heartbeat as JSON: {pci_address: [driver, bound_to_vfio]}.
+    functions: str = "{}"
 
 
 class Registry(Protocol):
@@ -166,7 +170,7 @@ def device_gone(device_id: str) -> DeviceNotFound:
 DEVICE_COLUMNS = (
     "seq, id, name, host, pci_address, type, vendor_id, device_id, subsystem_vendor_id, "
     "subsystem_device_id, class_code, serial_number, vendor_name, device_name, iommu_group, "
-    "numa_node, attached_to, stale, created_at, bound_by_devpass, original_driver"
+    "numa_node, attached_to, stale, created_at, bound_by_devpass, original_driver, request_id"
 )
 
 
@@ -198,4 +202,5 @@ def device_from_row(row: Mapping[str, Any]) -> DeviceRecord:
         created_at=created_at,
         bound_by_devpass=bool(row["bound_by_devpass"]),
         original_driver=row["original_driver"],
+        request_id=row["request_id"],
     )

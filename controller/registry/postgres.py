@@ -83,6 +83,18 @@ MIGRATIONS: list[tuple[int, str]] = [
         );
         """,
     ),
+    (
+        2,
+        """
+        ALTER TABLE devices ADD COLUMN request_id TEXT NOT NULL DEFAULT '';
+        """,
+    ),
+    (
+        3,
+        """
+        ALTER TABLE hosts ADD COLUMN functions TEXT NOT NULL DEFAULT '{}';
+        """,
+    ),
 ]
 
 
@@ -117,7 +129,7 @@ class PostgresRegistry:
                 row = await self._fetch_one(
                     connection,
                     f"INSERT INTO devices ({DEVICE_COLUMNS}) VALUES (DEFAULT, "
-                    + ", ".join(["%s"] * 20)
+                    + ", ".join(["%s"] * 21)
                     + f") RETURNING {DEVICE_COLUMNS}",
                     _device_values(record),
                 )
@@ -209,7 +221,8 @@ class PostgresRegistry:
     async def save_host(self, host: HostRecord) -> None:
         await self._execute(
             "INSERT INTO hosts (name, agent_address, agent_version, iommu_enabled, vfio_available, "
-            "simulated, last_heartbeat) VALUES (%s, %s, %s, %s, %s, %s, %s) ON CONFLICT (name) DO UPDATE SET "
+            "simulated, last_heartbeat, functions) VALUES (%s, %s, %s, %s, %s, %s, %s, %s) "
+            "ON CONFLICT (name) DO UPDATE SET functions = EXCLUDED.functions, "
             "agent_address = EXCLUDED.agent_address, agent_version = EXCLUDED.agent_version, "
             "iommu_enabled = EXCLUDED.iommu_enabled, vfio_available = EXCLUDED.vfio_available, "
             "simulated = EXCLUDED.simulated, last_heartbeat = EXCLUDED.last_heartbeat",
@@ -221,6 +234,7 @@ class PostgresRegistry:
                 host.vfio_available,
                 host.simulated,
                 host.last_heartbeat,
+                host.functions,
             ),
         )
 
@@ -237,6 +251,7 @@ class PostgresRegistry:
                         vfio_available=row["vfio_available"],
                         simulated=row["simulated"],
                         last_heartbeat=row["last_heartbeat"],
+                        functions=row["functions"],
                     )
                     for row in await cursor.fetchall()
                 ]
@@ -345,6 +360,7 @@ def _device_values(record: DeviceRecord) -> tuple[Any, ...]:
         record.created_at,
         record.bound_by_devpass,
         record.original_driver,
+        record.request_id,
     )
 
 

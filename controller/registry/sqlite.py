@@ -86,6 +86,18 @@ MIGRATIONS: list[tuple[int, str]] = [
         );
         """,
     ),
+    (
+        3,
+        """
+        ALTER TABLE devices ADD COLUMN request_id TEXT NOT NULL DEFAULT '';
+        """,
+    ),
+    (
+        4,
+        """
+        ALTER TABLE hosts ADD COLUMN functions TEXT NOT NULL DEFAULT '{}';
+        """,
+    ),
 ]
 
 _DEVICE_COLUMNS = DEVICE_COLUMNS
@@ -217,7 +229,7 @@ class SqliteRegistry:
         try:
             cursor = self._db().execute(
                 f"INSERT INTO devices ({_DEVICE_COLUMNS}) VALUES "
-                "(NULL, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "(NULL, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     record.id,
                     record.name,
@@ -239,6 +251,7 @@ class SqliteRegistry:
                     record.created_at.isoformat(),
                     int(record.bound_by_devpass),
                     record.original_driver,
+                    record.request_id,
                 ),
             )
         except sqlite3.IntegrityError as err:
@@ -314,11 +327,11 @@ class SqliteRegistry:
     def _save_host(self, host: HostRecord) -> None:
         self._db().execute(
             "INSERT INTO hosts (name, agent_address, agent_version, iommu_enabled, "
-            "vfio_available, simulated, last_heartbeat) VALUES (?, ?, ?, ?, ?, ?, ?) "
+            "vfio_available, simulated, last_heartbeat, functions) VALUES (?, ?, ?, ?, ?, ?, ?, ?) "
             "ON CONFLICT (name) DO UPDATE SET agent_address = excluded.agent_address, "
             "agent_version = excluded.agent_version, iommu_enabled = excluded.iommu_enabled, "
             "vfio_available = excluded.vfio_available, simulated = excluded.simulated, "
-            "last_heartbeat = excluded.last_heartbeat",
+            "last_heartbeat = excluded.last_heartbeat, functions = excluded.functions",
             (
                 host.name,
                 host.agent_address,
@@ -327,6 +340,7 @@ class SqliteRegistry:
                 int(host.vfio_available),
                 int(host.simulated),
                 host.last_heartbeat.isoformat(),
+                host.functions,
             ),
         )
 
@@ -342,6 +356,7 @@ class SqliteRegistry:
                 vfio_available=bool(row["vfio_available"]),
                 simulated=bool(row["simulated"]),
                 last_heartbeat=datetime.fromisoformat(row["last_heartbeat"]),
+                functions=row["functions"],
             )
             for row in rows
         ]
