@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import grpc
@@ -18,8 +19,9 @@ log = structlog.get_logger()
 
 # Used until the controller states its interval in the first response.
 DEFAULT_INTERVAL_SECONDS = 2.0
-# A heartbeat that takes longer than this many intervals counts as failed.
-_DEADLINE_INTERVALS = 2.0
+# A heartbeat that takes longer than this part of the interval counts as failed, so a slow
+# answer never delays the next beat.
+_DEADLINE_FRACTION = 0.8
 
 
 @dataclass(frozen=True)
@@ -38,6 +40,9 @@ class Heartbeat:
         self._identity = identity
         self.interval = DEFAULT_INTERVAL_SECONDS
         self._wake = asyncio.Event()
+        # A thread of its own: binds waiting for the binder's lock can fill the default
+        # executor, and a heartbeat queued behind them would make the host look dead.
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="heartbeat")
 
     def trigger(self) -> None:
         """Send the next heartbeat now instead of at the end of the interval."""
@@ -46,7 +51,9 @@ class Heartbeat:
     async def run(self) -> None:
         """Send heartbeats until cancelled, logging failures without giving up."""
         failures = 0
+        loop = asyncio.get_running_loop()
         while True:
+            started = loop.time()
             try:
                 await self.send()
             except grpc.RpcError as err:
@@ -65,13 +72,15 @@ class Heartbeat:
                     log.info("heartbeat_restored", after_failures=failures)
                 failures = 0
 
+            # The next beat is due one interval after this one started, however long it took.
+            remaining = max(0.0, started + self.interval - loop.time())
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), timeout=self.interval)
+                await asyncio.wait_for(self._wake.wait(), timeout=remaining)
             self._wake.clear()
 
     async def send(self) -> None:
-        request = await asyncio.to_thread(self._request)
-        response = await self._stub.Heartbeat(request, timeout=self.interval * _DEADLINE_INTERVALS)
+        request = await asyncio.get_running_loop().run_in_executor(self._executor, self._request)
+        response = await self._stub.Heartbeat(request, timeout=self.interval * _DEADLINE_FRACTION)
         if response.interval_seconds > 0:
             self.interval = response.interval_seconds
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from dataclasses import dataclass, field, replace
@@ -10,7 +11,7 @@ from datetime import UTC, datetime
 import structlog
 
 from controller.registry import HostRecord, Registry
-from devpass.errors import HostRequired, HostUnavailable, HostUnknown
+from devpass.errors import DevpassError, HostRequired, HostUnavailable, HostUnknown
 
 log = structlog.get_logger()
 
@@ -60,6 +61,10 @@ class HostDirectory:
         self.interval = interval
         self.missed_heartbeats = missed_heartbeats
         self._hosts: dict[str, HostState] = {}
+        self._pending_saves: dict[str, HostRecord] = {}
+        self._saving: set[str] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._save_failures = 0
 
     async def load(self) -> None:
         await self.refresh()
@@ -79,10 +84,50 @@ class HostDirectory:
         state.record = replace(report.record, functions=_encode_functions(report.functions))
         state.functions = report.functions
         state.last_seen = now
-        await self._registry.save_host(state.record)
+        self._save_soon(state.record)
+
+    def _save_soon(self, record: HostRecord) -> None:
+        """Store the heartbeat in the background, one write per host at a time.
+
+        The heartbeat's answer does not wait for the database, so a slow or stopped
+        database never makes a live host look dead to the controller that heard it.
+        """
+        self._pending_saves[record.name] = record
+        if record.name in self._saving:
+            return
+        self._saving.add(record.name)
+        task = asyncio.create_task(self._save_pending(record.name))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _save_pending(self, host: str) -> None:
+        try:
+            while host in self._pending_saves:
+                record = self._pending_saves.pop(host)
+                try:
+                    await self._registry.save_host(record)
+                except DevpassError as err:
+                    self._save_failures += 1
+                    # The first failure and every tenth after it, so an outage is visible but not noisy.
+                    if self._save_failures == 1 or self._save_failures % 10 == 0:
+                        log.warning(
+                            "host_heartbeat_not_stored",
+                            host=host,
+                            error=err.message,
+                            failures=self._save_failures,
+                            check="other controllers see this host as unavailable until the registry is back",
+                        )
+                else:
+                    self._save_failures = 0
+        finally:
+            self._saving.discard(host)
 
     async def refresh(self) -> None:
-        """Load heartbeats that other controllers stored since this one last looked."""
+        """Load heartbeats that other controllers stored since this one last looked.
+
+        Raises:
+            RegistryUnavailable: the registry cannot be read.
+        """
         for record in await self._registry.list_hosts():
             state = self._hosts.get(record.name)
             if state is None:

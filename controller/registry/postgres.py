@@ -103,6 +103,8 @@ class PostgresRegistry:
 
     def __init__(self, url: str, *, min_size: int = 1, max_size: int = 10, timeout: float = 5.0) -> None:
         self._url = url
+        # check_connection on checkout drops connections that a database restart broke, so
+        # service resumes by itself once PostgreSQL is back.
         self._pool = AsyncConnectionPool(
             url,
             min_size=min_size,
@@ -110,6 +112,7 @@ class PostgresRegistry:
             timeout=timeout,
             open=False,
             kwargs={"autocommit": True},
+            check=AsyncConnectionPool.check_connection,
         )
 
     async def open(self) -> None:
