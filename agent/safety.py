@@ -20,6 +20,7 @@ from devpass.errors import (
     IommuGroupNotViable,
     SriovPfHasVfs,
     VfioUnavailable,
+    bridge_not_assignable,
     iommu_unavailable,
 )
 from devpass.pci import PciAddress
@@ -85,7 +86,10 @@ def blockers(sysfs: Sysfs, usage: HostUsage, function: PciFunctionInfo) -> list[
 def _problems(
     sysfs: Sysfs, usage: HostUsage, function: PciFunctionInfo, *, include_group: bool, force: bool
 ) -> tuple[list[DevpassError], list[PciFunctionInfo]]:
-    # Without an IOMMU nothing else matters, so that problem comes first.
+    if function.is_bridge:
+        return [bridge_not_assignable(str(function.address))], [function]
+
+    # Without an IOMMU nothing else matters for passthrough, so that problem comes first.
     problems: list[DevpassError] = []
     if function.iommu_group is None:
         problems.append(iommu_unavailable(str(function.address)))
@@ -98,6 +102,9 @@ def _problems(
             )
         )
     if function.iommu_group is None:
+        # Host-critical uses and holders still matter to an operator reading the listing.
+        problems.extend(_critical(usage, function, force=force))
+        problems.extend(_busy(usage, function))
         return problems, [function]
 
     members = [function]
@@ -133,16 +140,28 @@ def _group_not_viable(
     usage: HostUsage, function: PciFunctionInfo, group: int, held: list[PciFunctionInfo]
 ) -> IommuGroupNotViable:
     described = []
+    any_critical = False
     for sibling in held:
         uses = usage.critical_uses(sibling.address)
+        any_critical = any_critical or bool(uses)
         critical = f", host-critical: {'; '.join(u.detail for u in uses)}" if uses else ""
         described.append(f"{sibling.address} ({sibling.driver}{critical})")
+    if any_critical:
+        advice = (
+            "A group goes to one virtual machine as a whole, and the host depends on a member "
+            "of this one, so this device cannot be passed through without taking that away "
+            "(include_group with force, --include-group --force on the CLI, would do it)"
+        )
+    else:
+        advice = (
+            "A group goes to one virtual machine as a whole: pass include_group (--include-group "
+            "on the CLI) to bind every function of the group, or move those functions off "
+            "their drivers first"
+        )
 
     return IommuGroupNotViable(
         f"IOMMU group {group} of {function.address} also contains {', '.join(described)}, "
-        "still bound to host drivers. A group goes to one virtual machine as a whole: pass "
-        "include_group to bind every function of the group, or move those functions off "
-        "their drivers first",
+        f"still bound to host drivers. {advice}",
         pci_address=str(function.address),
         iommu_group=str(group),
         siblings=",".join(str(s.address) for s in held),
@@ -175,7 +194,7 @@ def _critical(usage: HostUsage, function: PciFunctionInfo, *, force: bool) -> li
     return [
         HostCriticalDevice(
             f"{function.address} is critical to the host: {details}. Moving it to vfio-pci "
-            "would take that away from the host; pass force to do it anyway",
+            "would take that away from the host; pass force (--force on the CLI) to do it anyway",
             pci_address=str(function.address),
             uses=",".join(use.kind for use in uses),
         )

@@ -64,9 +64,10 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
         expected = _identity(request.expected) if request.HasField("expected") else None
 
         def restore() -> agent_pb2.RestoreFunctionResponse:
-            move = self._binder.restore(address, expected=expected)
+            moves = self._binder.restore_group(address, expected=expected)
             return agent_pb2.RestoreFunctionResponse(
-                move=_move_to_proto(move),
+                move=_move_to_proto(moves[0]),
+                group_restored=[_move_to_proto(m) for m in moves[1:]],
                 function=function_to_proto(self._sysfs.read_function(address)),
             )
 

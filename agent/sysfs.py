@@ -276,8 +276,8 @@ class Sysfs:
 
 def _not_found(address: PciAddress) -> PciDeviceNotFound:
     return PciDeviceNotFound(
-        f"no PCI function at {address} on this host; list the host's functions with "
-        "`devpass devices available` or `lspci -D`",
+        f"the host has no PCI function at {address}; list its functions with "
+        "`devpass devices available --host HOST`",
         pci_address=str(address),
     )
 

@@ -163,6 +163,33 @@ class Binder:
 
         return Move(address, function.driver, now.driver)
 
+    def restore_group(self, address: PciAddress, *, expected: Identity | None = None) -> list[Move]:
+        """Restore the function, then the IOMMU group siblings that devpass bound with it.
+
+        A group passes through as a unit, so siblings that an include_group bind moved
+        go back with the function. Returns the function's move first.
+
+        Raises:
+            The errors of `restore` for the function itself. A sibling that fails to
+            restore is logged and reported with the driver it is left on.
+        """
+        moves = [self.restore(address, expected=expected)]
+        function = self._sysfs.read_function(address)
+        if function.iommu_group is None:
+            return moves
+
+        for sibling in self._sysfs.group_members(function.iommu_group):
+            if sibling == address or not self.bound_by_devpass(sibling):
+                continue
+            try:
+                moves.append(self.restore(sibling))
+            except DevpassError as err:
+                log.error("group_sibling_restore_failed", pci_address=str(sibling), error=err.message)
+                now = self._sysfs.read_function(sibling)
+                moves.append(Move(sibling, now.driver, now.driver))
+
+        return moves
+
     def repair(self) -> list[Move]:
         """Finish or undo every journalled operation that a crash or a hung write interrupted.
 

@@ -153,7 +153,7 @@ class AgentClients:
 
         return [Move(m.pci_address, m.from_driver, m.driver) for m in response.moves]
 
-    async def restore(self, host: str, address: str, pci_address: str, expected: Identity) -> Move:
+    async def restore(self, host: str, address: str, pci_address: str, expected: Identity) -> list[Move]:
         """Give the function back to its original driver.
 
         Raises:
@@ -161,9 +161,9 @@ class AgentClients:
         """
         request = agent_pb2.RestoreFunctionRequest(pci_address=pci_address, expected=_identity(expected))
         response = await self._call(host, address, lambda stub: stub.RestoreFunction, write=True)(request)
-        move = response.move
+        moves = [response.move, *response.group_restored]
 
-        return Move(str(move.pci_address), str(move.from_driver), str(move.driver))
+        return [Move(str(m.pci_address), str(m.from_driver), str(m.driver)) for m in moves]
 
     def _call(
         self,
@@ -200,6 +200,9 @@ def _translate(host: str, address: str, err: grpc.aio.AioRpcError) -> errors.Dev
     domain_error = errors.from_rpc_error(err)
     if domain_error is not None:
         domain_error.metadata.setdefault("host", host)
+        domain_error.message = domain_error.message.replace("--host HOST", f"--host {host}")
+        if not domain_error.message.startswith(f"host {host}"):
+            domain_error.message = f"host {host}: {domain_error.message}"
         return domain_error
 
     if err.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):

@@ -22,6 +22,7 @@ from devpass.errors import (
     InvalidArgument,
     InvalidPageToken,
     NameTaken,
+    bridge_not_assignable,
     iommu_unavailable,
 )
 from devpass.names import auto_name, host_qualified_name, validate_name
@@ -97,6 +98,8 @@ class Devices:
             raise already_registered(existing)
 
         function = await self._agents.inspect(state.name, state.record.agent_address, str(address))
+        if is_bridge(int(function.class_code, 16)):
+            raise bridge_not_assignable(str(address), host=state.name)
         if function.iommu_group is None:
             raise iommu_unavailable(str(address), host=state.name)
 

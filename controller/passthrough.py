@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, field
 
 import structlog
 
@@ -17,11 +18,13 @@ from devpass.errors import (
     InvalidArgument,
     PciDeviceNotFound,
 )
-from devpass.names import validate_name
+from devpass.names import MAX_NAME_LENGTH
 
 log = structlog.get_logger()
 
 VFIO_DRIVER = "vfio-pci"
+# Instance ids come from VM managers (names, UUIDs, "namespace:name"), so ':' is allowed.
+_INSTANCE_ID = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_.:-]*$")
 
 
 @dataclass(frozen=True)
@@ -36,6 +39,8 @@ class ReleaseResult:
     device: DeviceView
     # Driver the device went back to; empty when devpass had not bound it or it had none.
     restored_driver: str
+    # Group siblings given back with the device, as "address driver".
+    group_restored: list[str] = field(default_factory=list)
 
 
 class Passthrough:
@@ -103,9 +108,9 @@ class Passthrough:
         if record.attached_to:
             raise device_in_use(record)
 
-        restored = await self._restore(record)
+        moves = await self._restore(record)
 
-        return ReleaseResult(await self._current(record), restored)
+        return ReleaseResult(await self._current(record), moves[0].driver, _describe(moves[1:]))
 
     async def attach(
         self, id_or_name: str, instance_id: str, *, include_group: bool, force: bool
@@ -118,9 +123,12 @@ class Passthrough:
             DeviceNotPresent: the host no longer shows the device.
             Everything `bind` raises; the attachment is released again then.
         """
-        if not instance_id:
-            raise InvalidArgument("instance_id is empty: name the instance that takes the device")
-        validate_name(instance_id)
+        if not instance_id or len(instance_id) > MAX_NAME_LENGTH or not _INSTANCE_ID.match(instance_id):
+            raise InvalidArgument(
+                f"invalid instance_id {instance_id[:80]!r}: name the instance that takes the device with "
+                f"1 to {MAX_NAME_LENGTH} characters from letters, digits, '_', '.', ':' and '-'",
+                instance_id=instance_id[:80],
+            )
         record = await self._devices.find_record(id_or_name)
         await self._require_present(record)
 
@@ -159,10 +167,10 @@ class Passthrough:
         if record.attached_to and not force:
             raise device_in_use(record)
 
-        restored = ""
+        moves: list[Move] = []
         if record.bound_by_devpass and self._devices.view(record).present:
             try:
-                restored = await self._restore(record)
+                moves = await self._restore(record)
             except DevpassError as err:
                 if not force:
                     raise
@@ -175,7 +183,9 @@ class Passthrough:
                     check="the device may still be on vfio-pci; give it back to its driver by hand",
                 )
 
-        return ReleaseResult(await self._devices.remove(record), restored)
+        restored = moves[0].driver if moves else ""
+
+        return ReleaseResult(await self._devices.remove(record), restored, _describe(moves[1:]))
 
     async def _bind_record(self, record: DeviceRecord, *, include_group: bool, force: bool) -> BindResult:
         if record.stale:
@@ -212,24 +222,30 @@ class Passthrough:
             await self._current(record), [m.pci_address for m in moves if m.pci_address != record.pci_address]
         )
 
-    async def _restore(self, record: DeviceRecord) -> str:
+    async def _restore(self, record: DeviceRecord) -> list[Move]:
         if record.stale:
             raise _stale(record)
         state = await self._hosts.resolve(record.host)
 
         try:
-            move = await self._agents.restore(
+            moves = await self._agents.restore(
                 state.name, state.record.agent_address, record.pci_address, _identity(record)
             )
         except IdentityMismatch:
             await self._registry.mark_stale(record.id)
             raise
 
-        self._observe(record.host, [move])
+        self._observe(record.host, moves)
         await self._registry.set_binding(record.id, bound_by_devpass=False, original_driver="")
-        log.info("device_unbound", name=record.name, pci_address=record.pci_address, driver=move.driver)
+        log.info(
+            "device_unbound",
+            name=record.name,
+            pci_address=record.pci_address,
+            driver=moves[0].driver,
+            group_restored=_describe(moves[1:]),
+        )
 
-        return move.driver
+        return moves
 
     async def _require_present(self, record: DeviceRecord) -> None:
         """Raise DeviceNotPresent when the host no longer has the device.
@@ -260,6 +276,10 @@ class Passthrough:
         fresh = await self._registry.find_device(record.id)
 
         return self._devices.view(fresh or record)
+
+
+def _describe(moves: list[Move]) -> list[str]:
+    return [f"{move.pci_address} {move.driver or 'no driver'}" for move in moves]
 
 
 def _identity(record: DeviceRecord) -> Identity:

@@ -125,7 +125,9 @@ class DeviceServicer(devices_pb2_grpc.DeviceServiceServicer):
         async def unbind() -> devices_pb2.UnbindDeviceResponse:
             result = await self._passthrough.unbind(request.id_or_name)
             return devices_pb2.UnbindDeviceResponse(
-                device=device_to_proto(result.device), restored_driver=result.restored_driver
+                device=device_to_proto(result.device),
+                restored_driver=result.restored_driver,
+                group_restored=result.group_restored,
             )
 
         return await self._requests.run("UnbindDevice", request, devices_pb2.UnbindDeviceResponse, unbind)
@@ -177,7 +179,9 @@ class DeviceServicer(devices_pb2_grpc.DeviceServiceServicer):
         async def unregister() -> devices_pb2.UnregisterDeviceResponse:
             result = await self._passthrough.unregister(request.id_or_name, force=request.force)
             return devices_pb2.UnregisterDeviceResponse(
-                device=device_to_proto(result.device), restored_driver=result.restored_driver
+                device=device_to_proto(result.device),
+                restored_driver=result.restored_driver,
+                group_restored=result.group_restored,
             )
 
         return await self._requests.run(

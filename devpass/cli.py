@@ -176,7 +176,11 @@ def _report_error(
 
 
 def _devices_stub(args: argparse.Namespace) -> devices_pb2_grpc.DeviceServiceStub:
-    return devices_pb2_grpc.DeviceServiceStub(client.connect(client.controller_address(args.controller)))
+    return devices_pb2_grpc.DeviceServiceStub(_connect(args))
+
+
+def _connect(args: argparse.Namespace) -> grpc.Channel:
+    return client.connect(client.controller_address(args.controller))
 
 
 def _register(args: argparse.Namespace) -> None:
@@ -219,6 +223,8 @@ def _unbind(args: argparse.Namespace) -> None:
         _print_json(_to_dict(response))
         return
     print(f"{response.device.name} is back on {response.restored_driver or 'no driver'}")
+    for sibling in response.group_restored:
+        print(f"also given back from the same IOMMU group: {sibling}")
 
 
 def _attach(args: argparse.Namespace) -> None:
@@ -283,6 +289,8 @@ def _delete(args: argparse.Namespace) -> None:
     device = response.device
     restored = f"; back on {response.restored_driver}" if response.restored_driver else ""
     print(f"unregistered {device.name} ({device.pci_address} on {device.host}){restored}")
+    for sibling in response.group_restored:
+        print(f"also given back from the same IOMMU group: {sibling}")
 
 
 def _available(args: argparse.Namespace) -> None:
@@ -322,7 +330,7 @@ def _available(args: argparse.Namespace) -> None:
 
 
 def _hosts(args: argparse.Namespace) -> None:
-    stub = hosts_pb2_grpc.HostServiceStub(client.connect(client.controller_address(args.controller)))
+    stub = hosts_pb2_grpc.HostServiceStub(_connect(args))
     response = stub.ListHosts(hosts_pb2.ListHostsRequest())
     if args.output == "json":
         _print_json(_to_dict(response))

@@ -7,6 +7,8 @@ import os
 
 import grpc
 
+from devpass.errors import InvalidArgument
+
 DEFAULT_CONTROLLER = "127.0.0.1:50051"
 CONTROLLER_ENV = "DEVPASS_CONTROLLER"
 
@@ -44,7 +46,18 @@ def controller_address(explicit: str | None = None) -> str:
 
 
 def connect(address: str) -> grpc.Channel:
-    """Open a plaintext channel to the controller at `address`."""
+    """Open a plaintext channel to the controller at `address`.
+
+    Raises:
+        InvalidArgument: the address lacks a port or has one outside 1-65535.
+    """
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise InvalidArgument(
+            f"invalid controller address {address!r}: use HOST:PORT with a port from 1 to 65535, "
+            "for example 127.0.0.1:50051",
+            address=address,
+        )
     options = [
         ("grpc.service_config", json.dumps(_SERVICE_CONFIG)),
         ("grpc.enable_retries", 1),

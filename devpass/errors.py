@@ -105,6 +105,23 @@ class DeviceNotPresent(DevpassError):
     code = grpc.StatusCode.FAILED_PRECONDITION
 
 
+class DeviceNotAssignable(DevpassError):
+    """The function can never go to a virtual machine (a PCI bridge)."""
+
+    reason = "DEVICE_NOT_ASSIGNABLE"
+    code = grpc.StatusCode.FAILED_PRECONDITION
+
+
+def bridge_not_assignable(pci_address: str, host: str = "") -> DeviceNotAssignable:
+    """Build the error for a PCI bridge, which routes traffic and vfio-pci refuses."""
+    where = f" on host {host}" if host else ""
+    return DeviceNotAssignable(
+        f"{pci_address}{where} is a PCI bridge; bridges route traffic for the devices behind "
+        "them and cannot be passed through. Register the devices behind it instead",
+        pci_address=pci_address,
+    )
+
+
 class IommuUnavailable(DevpassError):
     reason = "IOMMU_UNAVAILABLE"
     code = grpc.StatusCode.FAILED_PRECONDITION

@@ -17,7 +17,7 @@ from typing import IO
 import grpc
 
 from devpass import client
-from devpass.v1 import hosts_pb2, hosts_pb2_grpc
+from devpass.v1 import devices_pb2, devices_pb2_grpc, hosts_pb2, hosts_pb2_grpc
 
 START_TIMEOUT_SECONDS = 30.0
 
@@ -73,21 +73,40 @@ def run_local_fleet(args: argparse.Namespace) -> None:
         _stop_all(children)
         raise SystemExit(f"devpass up: {err}") from None
 
-    _print_summary(address, hosts, state_dir, children)
-    while not stop_requested:
-        exited = [c for c in children if c.process.poll() is not None]
-        if exited:
-            for child in exited:
-                print(
-                    f"devpass up: {child.name} exited with status {child.process.returncode}; "
-                    f"see {child.log_path}",
-                    file=sys.stderr,
-                )
-            break
-        time.sleep(0.5)
+    try:
+        _print_summary(address, hosts, state_dir, _example_address(address, hosts[0]))
+        while not stop_requested:
+            exited = [c for c in children if c.process.poll() is not None]
+            if exited:
+                for child in exited:
+                    print(
+                        f"devpass up: {child.name} exited with status {child.process.returncode}; "
+                        f"see {child.log_path}",
+                        file=sys.stderr,
+                    )
+                break
+            time.sleep(0.5)
+        print("stopping ...", flush=True)
+    except BrokenPipeError:
+        # The reader of our output went away (a pipe closed by Ctrl-C); stopping matters more.
+        pass
+    finally:
+        _stop_all(children)
 
-    print("stopping ...", flush=True)
-    _stop_all(children)
+
+def _example_address(controller: str, host: str) -> str:
+    """Return an assignable PCI address of `host` for the printed examples, GPUs first."""
+    stub = devices_pb2_grpc.DeviceServiceStub(client.connect(controller))
+    try:
+        response = stub.ListAvailableDevices(devices_pb2.ListAvailableDevicesRequest(host=host), timeout=10)
+    except grpc.RpcError:
+        return "0000:01:00.0"
+    ranked = sorted(
+        response.devices,
+        key=lambda d: (not d.assignability.assignable, d.function.type != "gpu", d.function.pci_address),
+    )
+
+    return ranked[0].function.pci_address if ranked else "0000:01:00.0"
 
 
 def _start_agents(
@@ -175,7 +194,7 @@ def _wait_for_hosts(address: str, hosts: list[str], children: list[Child]) -> No
     )
 
 
-def _print_summary(address: str, hosts: list[str], state_dir: Path, children: list[Child]) -> None:
+def _print_summary(address: str, hosts: list[str], state_dir: Path, example: str) -> None:
     first_host = hosts[0]
     print(
         f"""devpass is running.
@@ -187,9 +206,9 @@ Try, in another terminal (with the project's virtualenv on PATH, e.g. `. .venv/b
   export DEVPASS_CONTROLLER={address}
   devpass hosts list
   devpass devices available --host {first_host}
-  devpass devices register --host {first_host} 0000:a2:00.0 --name gpu-a
-  devpass devices list -o json
-or with grpcurl, through server reflection:
+  devpass devices register --host {first_host} {example} --name gpu-a
+  devpass -o json devices list
+or with grpcurl (not packaged in Debian 12), through server reflection:
   grpcurl -plaintext {address} list
   grpcurl -plaintext -d '{{"host": "{first_host}"}}' {address} devpass.v1.DeviceService/ListAvailableDevices
 

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from devpass.v1 import pci_pb2 as devpass_dot_v1_dot_pci__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16\x64\x65vpass/v1/agent.proto\x12\ndevpass.v1\x1a\x14\x64\x65vpass/v1/pci.proto\"\x89\x01\n\x10\x46unctionIdentity\x12\x11\n\tvendor_id\x18\x01 \x01(\t\x12\x11\n\tdevice_id\x18\x02 \x01(\t\x12\x1b\n\x13subsystem_vendor_id\x18\x03 \x01(\t\x12\x1b\n\x13subsystem_device_id\x18\x04 \x01(\t\x12\x15\n\rserial_number\x18\x05 \x01(\t\"H\n\x0c\x46unctionMove\x12\x13\n\x0bpci_address\x18\x01 \x01(\t\x12\x13\n\x0b\x66rom_driver\x18\x02 \x01(\t\x12\x0e\n\x06\x64river\x18\x03 \x01(\t\"\x80\x01\n\x13\x42indFunctionRequest\x12\x13\n\x0bpci_address\x18\x01 \x01(\t\x12.\n\x08\x65xpected\x18\x02 \x01(\x0b\x32\x1c.devpass.v1.FunctionIdentity\x12\x15\n\rinclude_group\x18\x03 \x01(\x08\x12\r\n\x05\x66orce\x18\x04 \x01(\x08\"j\n\x14\x42indFunctionResponse\x12\'\n\x05moves\x18\x01 \x03(\x0b\x32\x18.devpass.v1.FunctionMove\x12)\n\x08\x66unction\x18\x02 \x01(\x0b\x32\x17.devpass.v1.PciFunction\"]\n\x16RestoreFunctionRequest\x12\x13\n\x0bpci_address\x18\x01 \x01(\t\x12.\n\x08\x65xpected\x18\x02 \x01(\x0b\x32\x1c.devpass.v1.FunctionIdentity\"l\n\x17RestoreFunctionResponse\x12&\n\x04move\x18\x01 \x01(\x0b\x32\x18.devpass.v1.FunctionMove\x12)\n\x08\x66unction\x18\x02 \x01(\x0b\x32\x17.devpass.v1.PciFunction\"-\n\x16InspectFunctionRequest\x12\x13\n\x0bpci_address\x18\x01 \x01(\t\"\x8d\x01\n\x17InspectFunctionResponse\x12)\n\x08\x66unction\x18\x01 \x01(\x0b\x32\x17.devpass.v1.PciFunction\x12\x30\n\rassignability\x18\x02 \x01(\x0b\x32\x19.devpass.v1.Assignability\x12\x15\n\rserial_number\x18\x03 \x01(\t\"\x16\n\x14ListFunctionsRequest\"~\n\x15ListFunctionsResponse\x12\x36\n\tfunctions\x18\x01 \x03(\x0b\x32#.devpass.v1.InspectFunctionResponse\x12\x15\n\riommu_enabled\x18\x02 \x01(\x08\x12\x16\n\x0evfio_available\x18\x03 \x01(\x08\x32\xef\x02\n\x0c\x41gentService\x12Z\n\x0fInspectFunction\x12\".devpass.v1.InspectFunctionRequest\x1a#.devpass.v1.InspectFunctionResponse\x12T\n\rListFunctions\x12 .devpass.v1.ListFunctionsRequest\x1a!.devpass.v1.ListFunctionsResponse\x12Q\n\x0c\x42indFunction\x12\x1f.devpass.v1.BindFunctionRequest\x1a .devpass.v1.BindFunctionResponse\x12Z\n\x0fRestoreFunction\x12\".devpass.v1.RestoreFunctionRequest\x1a#.devpass.v1.RestoreFunctionResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16\x64\x65vpass/v1/agent.proto\x12\ndevpass.v1\x1a\x14\x64\x65vpass/v1/pci.proto\"\x89\x01\n\x10\x46unctionIdentity\x12\x11\n\tvendor_id\x18\x01 \x01(\t\x12\x11\n\tdevice_id\x18\x02 \x01(\t\x12\x1b\n\x13subsystem_vendor_id\x18\x03 \x01(\t\x12\x1b\n\x13subsystem_device_id\x18\x04 \x01(\t\x12\x15\n\rserial_number\x18\x05 \x01(\t\"H\n\x0c\x46unctionMove\x12\x13\n\x0bpci_address\x18\x01 \x01(\t\x12\x13\n\x0b\x66rom_driver\x18\x02 \x01(\t\x12\x0e\n\x06\x64river\x18\x03 \x01(\t\"\x80\x01\n\x13\x42indFunctionRequest\x12\x13\n\x0bpci_address\x18\x01 \x01(\t\x12.\n\x08\x65xpected\x18\x02 \x01(\x0b\x32\x1c.devpass.v1.FunctionIdentity\x12\x15\n\rinclude_group\x18\x03 \x01(\x08\x12\r\n\x05\x66orce\x18\x04 \x01(\x08\"j\n\x14\x42indFunctionResponse\x12\'\n\x05moves\x18\x01 \x03(\x0b\x32\x18.devpass.v1.FunctionMove\x12)\n\x08\x66unction\x18\x02 \x01(\x0b\x32\x17.devpass.v1.PciFunction\"]\n\x16RestoreFunctionRequest\x12\x13\n\x0bpci_address\x18\x01 \x01(\t\x12.\n\x08\x65xpected\x18\x02 \x01(\x0b\x32\x1c.devpass.v1.FunctionIdentity\"\x9e\x01\n\x17RestoreFunctionResponse\x12&\n\x04move\x18\x01 \x01(\x0b\x32\x18.devpass.v1.FunctionMove\x12)\n\x08\x66unction\x18\x02 \x01(\x0b\x32\x17.devpass.v1.PciFunction\x12\x30\n\x0egroup_restored\x18\x03 \x03(\x0b\x32\x18.devpass.v1.FunctionMove\"-\n\x16InspectFunctionRequest\x12\x13\n\x0bpci_address\x18\x01 \x01(\t\"\x8d\x01\n\x17InspectFunctionResponse\x12)\n\x08\x66unction\x18\x01 \x01(\x0b\x32\x17.devpass.v1.PciFunction\x12\x30\n\rassignability\x18\x02 \x01(\x0b\x32\x19.devpass.v1.Assignability\x12\x15\n\rserial_number\x18\x03 \x01(\t\"\x16\n\x14ListFunctionsRequest\"~\n\x15ListFunctionsResponse\x12\x36\n\tfunctions\x18\x01 \x03(\x0b\x32#.devpass.v1.InspectFunctionResponse\x12\x15\n\riommu_enabled\x18\x02 \x01(\x08\x12\x16\n\x0evfio_available\x18\x03 \x01(\x08\x32\xef\x02\n\x0c\x41gentService\x12Z\n\x0fInspectFunction\x12\".devpass.v1.InspectFunctionRequest\x1a#.devpass.v1.InspectFunctionResponse\x12T\n\rListFunctions\x12 .devpass.v1.ListFunctionsRequest\x1a!.devpass.v1.ListFunctionsResponse\x12Q\n\x0c\x42indFunction\x12\x1f.devpass.v1.BindFunctionRequest\x1a .devpass.v1.BindFunctionResponse\x12Z\n\x0fRestoreFunction\x12\".devpass.v1.RestoreFunctionRequest\x1a#.devpass.v1.RestoreFunctionResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -42,16 +42,16 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_BINDFUNCTIONRESPONSE']._serialized_end=511
   _globals['_RESTOREFUNCTIONREQUEST']._serialized_start=513
   _globals['_RESTOREFUNCTIONREQUEST']._serialized_end=606
-  _globals['_RESTOREFUNCTIONRESPONSE']._serialized_start=608
-  _globals['_RESTOREFUNCTIONRESPONSE']._serialized_end=716
-  _globals['_INSPECTFUNCTIONREQUEST']._serialized_start=718
-  _globals['_INSPECTFUNCTIONREQUEST']._serialized_end=763
-  _globals['_INSPECTFUNCTIONRESPONSE']._serialized_start=766
-  _globals['_INSPECTFUNCTIONRESPONSE']._serialized_end=907
-  _globals['_LISTFUNCTIONSREQUEST']._serialized_start=909
-  _globals['_LISTFUNCTIONSREQUEST']._serialized_end=931
-  _globals['_LISTFUNCTIONSRESPONSE']._serialized_start=933
-  _globals['_LISTFUNCTIONSRESPONSE']._serialized_end=1059
-  _globals['_AGENTSERVICE']._serialized_start=1062
-  _globals['_AGENTSERVICE']._serialized_end=1429
+  _globals['_RESTOREFUNCTIONRESPONSE']._serialized_start=609
+  _globals['_RESTOREFUNCTIONRESPONSE']._serialized_end=767
+  _globals['_INSPECTFUNCTIONREQUEST']._serialized_start=769
+  _globals['_INSPECTFUNCTIONREQUEST']._serialized_end=814
+  _globals['_INSPECTFUNCTIONRESPONSE']._serialized_start=817
+  _globals['_INSPECTFUNCTIONRESPONSE']._serialized_end=958
+  _globals['_LISTFUNCTIONSREQUEST']._serialized_start=960
+  _globals['_LISTFUNCTIONSREQUEST']._serialized_end=982
+  _globals['_LISTFUNCTIONSRESPONSE']._serialized_start=984
+  _globals['_LISTFUNCTIONSRESPONSE']._serialized_end=1110
+  _globals['_AGENTSERVICE']._serialized_start=1113
+  _globals['_AGENTSERVICE']._serialized_end=1480
 # @@protoc_insertion_point(module_scope)

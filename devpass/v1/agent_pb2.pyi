@@ -60,12 +60,14 @@ class RestoreFunctionRequest(_message.Message):
     def __init__(self, pci_address: _Optional[str] = ..., expected: _Optional[_Union[FunctionIdentity, _Mapping]] = ...) -> None: ...
 
 class RestoreFunctionResponse(_message.Message):
-    __slots__ = ("move", "function")
+    __slots__ = ("move", "function", "group_restored")
     MOVE_FIELD_NUMBER: _ClassVar[int]
     FUNCTION_FIELD_NUMBER: _ClassVar[int]
+    GROUP_RESTORED_FIELD_NUMBER: _ClassVar[int]
     move: FunctionMove
     function: _pci_pb2.PciFunction
-    def __init__(self, move: _Optional[_Union[FunctionMove, _Mapping]] = ..., function: _Optional[_Union[_pci_pb2.PciFunction, _Mapping]] = ...) -> None: ...
+    group_restored: _containers.RepeatedCompositeFieldContainer[FunctionMove]
+    def __init__(self, move: _Optional[_Union[FunctionMove, _Mapping]] = ..., function: _Optional[_Union[_pci_pb2.PciFunction, _Mapping]] = ..., group_restored: _Optional[_Iterable[_Union[FunctionMove, _Mapping]]] = ...) -> None: ...
 
 class InspectFunctionRequest(_message.Message):
     __slots__ = ("pci_address",)

@@ -119,12 +119,14 @@ class UnregisterDeviceRequest(_message.Message):
     def __init__(self, id_or_name: _Optional[str] = ..., force: _Optional[bool] = ..., request_id: _Optional[str] = ...) -> None: ...
 
 class UnregisterDeviceResponse(_message.Message):
-    __slots__ = ("device", "restored_driver")
+    __slots__ = ("device", "restored_driver", "group_restored")
     DEVICE_FIELD_NUMBER: _ClassVar[int]
     RESTORED_DRIVER_FIELD_NUMBER: _ClassVar[int]
+    GROUP_RESTORED_FIELD_NUMBER: _ClassVar[int]
     device: Device
     restored_driver: str
-    def __init__(self, device: _Optional[_Union[Device, _Mapping]] = ..., restored_driver: _Optional[str] = ...) -> None: ...
+    group_restored: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, device: _Optional[_Union[Device, _Mapping]] = ..., restored_driver: _Optional[str] = ..., group_restored: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class BindDeviceRequest(_message.Message):
     __slots__ = ("id_or_name", "include_group", "force", "request_id")
@@ -155,12 +157,14 @@ class UnbindDeviceRequest(_message.Message):
     def __init__(self, id_or_name: _Optional[str] = ..., request_id: _Optional[str] = ...) -> None: ...
 
 class UnbindDeviceResponse(_message.Message):
-    __slots__ = ("device", "restored_driver")
+    __slots__ = ("device", "restored_driver", "group_restored")
     DEVICE_FIELD_NUMBER: _ClassVar[int]
     RESTORED_DRIVER_FIELD_NUMBER: _ClassVar[int]
+    GROUP_RESTORED_FIELD_NUMBER: _ClassVar[int]
     device: Device
     restored_driver: str
-    def __init__(self, device: _Optional[_Union[Device, _Mapping]] = ..., restored_driver: _Optional[str] = ...) -> None: ...
+    group_restored: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, device: _Optional[_Union[Device, _Mapping]] = ..., restored_driver: _Optional[str] = ..., group_restored: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class AttachDeviceRequest(_message.Message):
     __slots__ = ("id_or_name", "instance_id", "include_group", "force", "request_id")

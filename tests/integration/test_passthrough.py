@@ -338,6 +338,13 @@ def test_gpu_audio_group(setup: Setup) -> None:
     assert [d.name for d in gpus] == ["gtx"]
     _eventually(lambda: setup.get("gtx-audio").bound_to_vfio)
 
+    unbound = setup.devices.UnbindDevice(devices_pb2.UnbindDeviceRequest(id_or_name="gtx"))
+
+    assert unbound.restored_driver == "nvidia"
+    assert list(unbound.group_restored) == ["0000:01:00.1 snd_hda_intel"]
+    assert agent.driver("0000:01:00.0") == "nvidia"
+    assert agent.driver("0000:01:00.1") == "snd_hda_intel"
+
 
 def test_same_id_siblings(setup: Setup) -> None:
     agent = setup.agent("same-id-siblings.yaml")

@@ -51,7 +51,7 @@ def test_listing_matches_lspci() -> None:
 
 def test_real_agent_registration(processes: Processes, tmp_path: Path) -> None:
     sysfs = Sysfs(Path("/sys"))
-    first = sysfs.list_addresses()[0]
+    first = next(f.address for f in sysfs.list_functions() if not f.is_bridge)
     controller = processes.controller(tmp_path / "state")
     agent = processes.start(
         "agent-real", "agent", "--controller", controller.address, "--host-name", "real-host"
