@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 PY := $(BIN)/python
 APT_PACKAGES := pciutils pci.ids postgresql
 
-.PHONY: run test venv system-deps protos lint typecheck clean
+.PHONY: run test test-faults venv system-deps protos lint typecheck clean
 
 $(BIN)/devpass: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -41,6 +41,10 @@ test: system-deps venv
 	$(BIN)/mypy devpass controller agent
 	$(PY) -m tests.kernel.assets
 	$(PY) -m pytest -q
+
+# The fault tests alone (they also run in `make test`): races, crashes, outages.
+test-faults: system-deps venv
+	$(PY) -m pytest -q -s tests/faults
 
 protos: venv
 	$(PY) -m grpc_tools.protoc -Iprotos --python_out=. --pyi_out=. --grpc_python_out=. protos/devpass/v1/*.proto
