@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -16,6 +17,9 @@ from devpass import __version__
 from devpass.v1 import hosts_pb2, hosts_pb2_grpc
 
 log = structlog.get_logger()
+
+# Identifies this agent process to the controller, which reconciles a host whose agent restarted.
+_INSTANCE = uuid.uuid4().hex
 
 # Used until the controller states its interval in the first response.
 DEFAULT_INTERVAL_SECONDS = 2.0
@@ -92,5 +96,6 @@ class Heartbeat:
             iommu_enabled=self._sysfs.iommu_enabled(),
             vfio_available=self._sysfs.vfio_available(),
             simulated=self._identity.simulated,
+            agent_instance=_INSTANCE,
             functions=[function_to_proto(f) for f in self._sysfs.list_functions()],
         )

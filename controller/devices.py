@@ -13,6 +13,7 @@ import structlog
 from cuid2 import create_id
 
 from controller.agents import AgentClients, FunctionReport
+from controller.events import EventLog
 from controller.hosts import FunctionState, HostDirectory, HostState
 from controller.registry import DeviceRecord, Registry, already_registered
 from devpass.errors import (
@@ -67,10 +68,13 @@ class HostFailure:
 class Devices:
     """Register, look up and unregister devices; the registry owns names, agents own hardware."""
 
-    def __init__(self, registry: Registry, hosts: HostDirectory, agents: AgentClients) -> None:
+    def __init__(
+        self, registry: Registry, hosts: HostDirectory, agents: AgentClients, events: EventLog
+    ) -> None:
         self._registry = registry
         self._hosts = hosts
         self._agents = agents
+        self.events = events
 
     async def register(self, host: str, pci_address: str, name: str, request_id: str = "") -> DeviceView:
         """Register the function at `pci_address` on `host` under `name`, or a generated name.
@@ -114,6 +118,7 @@ class Devices:
             name=record.name,
             device_id=record.id,
         )
+        await self.events.emit("registered", record=record)
 
         return self.view(record)
 
@@ -177,6 +182,7 @@ class Devices:
         if not await self._registry.remove_device(record.id):
             raise _device_not_found(record.id)
         log.info("device_unregistered", host=record.host, pci_address=record.pci_address, name=record.name)
+        await self.events.emit("removed", record=record)
 
         return view
 
@@ -225,16 +231,19 @@ class Devices:
         ]
 
     async def _registered_names(self, host: str) -> dict[str, str]:
-        names: dict[str, str] = {}
-        after = 0
+        return {r.pci_address: r.name for r in await self.records_of(host)}
+
+    async def records_of(self, host: str) -> list[DeviceRecord]:
+        """Return every registered device of `host`, in registration order."""
+        found: list[DeviceRecord] = []
         while True:
+            after = found[-1].seq if found else 0
             records = await self._registry.list_devices(
                 host=host, type="", after_seq=after, limit=MAX_PAGE_SIZE
             )
-            names.update((r.pci_address, r.name) for r in records)
+            found.extend(records)
             if len(records) < MAX_PAGE_SIZE:
-                return names
-            after = records[-1].seq
+                return found
 
     async def find_record(self, id_or_name: str) -> DeviceRecord:
         if not id_or_name:

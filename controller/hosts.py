@@ -5,11 +5,13 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 
 import structlog
 
+from controller.events import EventLog
 from controller.registry import HostRecord, Registry
 from devpass.errors import DevpassError, HostRequired, HostUnavailable, HostUnknown
 
@@ -30,6 +32,7 @@ class HostReport:
 
     record: HostRecord
     functions: dict[str, FunctionState]
+    agent_instance: str = ""
 
 
 @dataclass
@@ -40,6 +43,7 @@ class HostState:
     functions: dict[str, FunctionState] = field(default_factory=dict)
     # Monotonic time of the last heartbeat this controller received; None until the first.
     last_seen: float | None = None
+    agent_instance: str = ""
 
     @property
     def name(self) -> str:
@@ -56,8 +60,13 @@ class HostDirectory:
     received the heartbeat.
     """
 
-    def __init__(self, registry: Registry, *, interval: float, missed_heartbeats: int) -> None:
+    def __init__(
+        self, registry: Registry, events: EventLog, *, interval: float, missed_heartbeats: int
+    ) -> None:
         self._registry = registry
+        self._events = events
+        # Called with a host's name when its agent comes back or restarted, to reapply desired state.
+        self.on_host_returned: Callable[[str], Awaitable[None]] | None = None
         self.interval = interval
         self.missed_heartbeats = missed_heartbeats
         self._hosts: dict[str, HostState] = {}
@@ -74,6 +83,9 @@ class HostDirectory:
         now = time.monotonic()
         state = self._hosts.get(report.record.name)
         was_available = state is not None and self.is_available(state)
+        restarted = (
+            state is not None and bool(state.agent_instance) and state.agent_instance != report.agent_instance
+        )
         if state is None:
             state = HostState(report.record)
             self._hosts[report.record.name] = state
@@ -84,7 +96,38 @@ class HostDirectory:
         state.record = replace(report.record, functions=_encode_functions(report.functions))
         state.functions = report.functions
         state.last_seen = now
+        state.agent_instance = report.agent_instance
         self._save_soon(state.record)
+        if (restarted or not was_available) and self.on_host_returned is not None:
+            self._start(self.on_host_returned(state.name))
+
+    def _start(self, work: Awaitable[None]) -> None:
+        async def run() -> None:
+            await work
+
+        task = asyncio.create_task(run())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def monitor(self) -> None:
+        """Record hosts that stopped sending heartbeats, once per outage across all controllers."""
+        while True:
+            await asyncio.sleep(self.interval)
+            try:
+                await self.refresh()
+                for state in self.hosts():
+                    if self.is_available(state):
+                        continue
+                    if await self._registry.set_host_available(state.name, False):
+                        log.warning(
+                            "host_unavailable",
+                            host=state.name,
+                            heartbeat_age_seconds=round(self.heartbeat_age(state), 1),
+                            check="is the agent running, and can it reach the controller?",
+                        )
+                        await self._events.emit("host_unavailable", host=state.name)
+            except DevpassError as err:
+                log.warning("host_monitor_failed", error=err.message)
 
     def _save_soon(self, record: HostRecord) -> None:
         """Store the heartbeat in the background, one write per host at a time.
@@ -106,6 +149,8 @@ class HostDirectory:
                 record = self._pending_saves.pop(host)
                 try:
                     await self._registry.save_host(record)
+                    if await self._registry.set_host_available(host, True):
+                        await self._events.emit("host_available", host=host)
                 except DevpassError as err:
                     self._save_failures += 1
                     # The first failure and every tenth after it, so an outage is visible but not noisy.

@@ -13,6 +13,7 @@ import structlog
 
 from controller.agents import AgentClients
 from controller.devices import Devices
+from controller.events import EventLog
 from controller.hosts import HostDirectory
 from controller.passthrough import Passthrough
 from controller.registry import Registry
@@ -115,8 +116,16 @@ class Controller:
     port: int
     registry: Registry
     agents: AgentClients
+    hosts: HostDirectory
+    monitor: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        await self.server.start()
+        self.monitor = asyncio.create_task(self.hosts.monitor())
 
     async def stop(self, grace: float = 2.0) -> None:
+        if self.monitor is not None:
+            self.monitor.cancel()
         await self.server.stop(grace)
         await self.agents.close()
         await self.registry.close()
@@ -127,15 +136,17 @@ async def create_server(config: ControllerConfig) -> Controller:
     rpc.check_listen_address(config.listen, insecure=config.insecure)
     registry = open_registry(config)
     await registry.open()
+    events = EventLog(registry)
     hosts = HostDirectory(
-        registry, interval=config.heartbeat_interval, missed_heartbeats=config.missed_heartbeats
+        registry, events, interval=config.heartbeat_interval, missed_heartbeats=config.missed_heartbeats
     )
     await hosts.load()
     agents = AgentClients(deadline_seconds=config.agent_deadline)
 
     server = grpc.aio.server(interceptors=[rpc.RpcInterceptor()])
-    devices = Devices(registry, hosts, agents)
+    devices = Devices(registry, hosts, agents, events)
     passthrough = Passthrough(devices, registry, hosts, agents)
+    hosts.on_host_returned = passthrough.reconcile_host
     devices_pb2_grpc.add_DeviceServiceServicer_to_server(
         DeviceServicer(devices, passthrough, RequestLog(registry)), server
     )
@@ -144,14 +155,14 @@ async def create_server(config: ControllerConfig) -> Controller:
     port = server.add_insecure_port(config.listen)
     await rpc.mark_serving(health, SERVICE_NAMES)
 
-    return Controller(server, port, registry, agents)
+    return Controller(server, port, registry, agents, hosts)
 
 
 async def serve(args: argparse.Namespace) -> None:
     logs.configure("controller", level=args.log_level, json=args.log_json)
     config = ControllerConfig.from_args(args)
     controller = await create_server(config)
-    await controller.server.start()
+    await controller.start()
     address = f"{config.listen.rsplit(':', 1)[0]}:{controller.port}"
     log.info("controller_started", address=address)
     if args.ready_file:

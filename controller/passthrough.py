@@ -58,6 +58,7 @@ class Passthrough:
         self._registry = registry
         self._hosts = hosts
         self._agents = agents
+        self._reconciling: set[str] = set()
 
     async def register_and_bind(
         self,
@@ -83,6 +84,7 @@ class Passthrough:
         except DevpassError:
             await self._registry.remove_device(view.record.id)
             log.info("device_registration_undone", name=view.record.name, pci_address=view.record.pci_address)
+            await self._devices.events.emit("removed", record=view.record, detail="the bind failed")
             raise
 
     async def bind(self, id_or_name: str, *, include_group: bool, force: bool) -> BindResult:
@@ -141,6 +143,7 @@ class Passthrough:
             await self._registry.release_attachment(record.id)
             raise
         log.info("device_attached", name=record.name, instance_id=instance_id)
+        await self._devices.events.emit("attached", record=record, detail=instance_id)
 
         return await self._current(record)
 
@@ -150,6 +153,7 @@ class Passthrough:
         if record.attached_to:
             await self._registry.release_attachment(record.id)
             log.info("device_detached", name=record.name, instance_id=record.attached_to)
+            await self._devices.events.emit("detached", record=record, detail=record.attached_to)
 
         return await self._current(record)
 
@@ -201,11 +205,8 @@ class Passthrough:
                 include_group=include_group,
                 force=force,
             )
-        except IdentityMismatch:
-            await self._registry.mark_stale(record.id)
-            log.warning(
-                "device_marked_stale", name=record.name, pci_address=record.pci_address, host=record.host
-            )
+        except IdentityMismatch as err:
+            await self._mark_stale(record, err)
             raise
         except PciDeviceNotFound as err:
             raise _not_present(record) from err
@@ -217,6 +218,13 @@ class Passthrough:
                 record.id, bound_by_devpass=True, original_driver=own.from_driver
             )
         log.info("device_bound", name=record.name, pci_address=record.pci_address, host=record.host)
+        for move in moves:
+            if move.from_driver != VFIO_DRIVER:
+                await self._devices.events.emit(
+                    "bound",
+                    record=record,
+                    detail=f"{move.pci_address} from {move.from_driver or 'no driver'}",
+                )
 
         return BindResult(
             await self._current(record), [m.pci_address for m in moves if m.pci_address != record.pci_address]
@@ -231,8 +239,8 @@ class Passthrough:
             moves = await self._agents.restore(
                 state.name, state.record.agent_address, record.pci_address, _identity(record)
             )
-        except IdentityMismatch:
-            await self._registry.mark_stale(record.id)
+        except IdentityMismatch as err:
+            await self._mark_stale(record, err)
             raise
 
         self._observe(record.host, moves)
@@ -244,8 +252,66 @@ class Passthrough:
             driver=moves[0].driver,
             group_restored=_describe(moves[1:]),
         )
+        for move in moves:
+            await self._devices.events.emit(
+                "unbound", record=record, detail=f"{move.pci_address} to {move.driver or 'no driver'}"
+            )
 
         return moves
+
+    async def reconcile_host(self, host: str) -> None:
+        """Reapply the registry's desired state on a host whose agent came back or restarted.
+
+        Devices that devpass bound and that are on another driver now (after a reboot or an
+        agent restart) are bound again, with the identity check of every bind. Devices on
+        vfio-pci that devpass did not bind are reported, not changed.
+        """
+        if host in self._reconciling:
+            return
+        self._reconciling.add(host)
+        try:
+            await self._reconcile(host)
+        except DevpassError as err:
+            log.warning("host_reconcile_failed", host=host, reason=err.reason, error=err.message)
+        finally:
+            self._reconciling.discard(host)
+
+    async def _reconcile(self, host: str) -> None:
+        state = self._hosts.get(host)
+        if state is None:
+            return
+        rebound = 0
+        for record in await self._devices.records_of(host):
+            live = state.functions.get(record.pci_address)
+            if record.stale or live is None:
+                continue
+            if record.bound_by_devpass and not live.bound_to_vfio:
+                try:
+                    await self._bind_record(record, include_group=False, force=False)
+                    rebound += 1
+                except DevpassError as err:
+                    log.warning(
+                        "device_reconcile_failed",
+                        host=host,
+                        name=record.name,
+                        reason=err.reason,
+                        error=err.message,
+                        check="bind the device again by hand once the cause is fixed",
+                    )
+            elif not record.bound_by_devpass and live.bound_to_vfio:
+                log.warning(
+                    "device_bound_outside_devpass",
+                    host=host,
+                    name=record.name,
+                    pci_address=record.pci_address,
+                    check="something other than devpass moved it to vfio-pci; devpass leaves it as it is",
+                )
+        log.info("host_reconciled", host=host, rebound=rebound)
+
+    async def _mark_stale(self, record: DeviceRecord, err: IdentityMismatch) -> None:
+        await self._registry.mark_stale(record.id)
+        log.warning("device_marked_stale", name=record.name, pci_address=record.pci_address, host=record.host)
+        await self._devices.events.emit("stale", record=record, detail=err.message)
 
     async def _require_present(self, record: DeviceRecord) -> None:
         """Raise DeviceNotPresent when the host no longer has the device.

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
@@ -13,6 +13,7 @@ from google.protobuf.message import Message
 
 from controller.agents import FunctionReport
 from controller.devices import Candidate, Devices, DeviceView
+from controller.events import WatchFilter
 from controller.hosts import FunctionState, HostDirectory, HostReport
 from controller.passthrough import Passthrough
 from controller.registry import HostRecord, Registry, RequestRecord
@@ -146,6 +147,28 @@ class DeviceServicer(devices_pb2_grpc.DeviceServiceServicer):
 
         return await self._requests.run("AttachDevice", request, devices_pb2.Device, attach)
 
+    async def WatchDevices(
+        self, request: devices_pb2.WatchDevicesRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[devices_pb2.DeviceEvent]:
+        if request.after_cursor < 0:
+            raise InvalidArgument(
+                f"invalid after_cursor {request.after_cursor}: use 0 or a cursor from an event"
+            )
+        where = WatchFilter(host=request.host, device=request.device)
+        async for event in self._devices.events.watch(request.after_cursor, where):
+            message = devices_pb2.DeviceEvent(
+                cursor=event.cursor,
+                kind=event.kind,
+                host=event.host,
+                device_id=event.device_id,
+                name=event.name,
+                pci_address=event.pci_address,
+                detail=event.detail,
+            )
+            if event.at is not None:
+                message.at.CopyFrom(_timestamp(event.at))
+            yield message
+
     async def DetachDevice(
         self, request: devices_pb2.DetachDeviceRequest, context: grpc.aio.ServicerContext
     ) -> devices_pb2.Device:
@@ -223,7 +246,7 @@ class HostServicer(hosts_pb2_grpc.HostServiceServicer):
             f.pci_address: FunctionState(driver=f.driver, bound_to_vfio=f.bound_to_vfio)
             for f in request.functions
         }
-        await self._hosts.heartbeat(HostReport(record, functions))
+        await self._hosts.heartbeat(HostReport(record, functions, request.agent_instance))
 
         return hosts_pb2.HeartbeatResponse(interval_seconds=self._hosts.interval)
 

@@ -119,6 +119,14 @@ def build_parser() -> argparse.ArgumentParser:
     available.add_argument("--host", default="", help="only this host (default: every available host)")
     available.set_defaults(handler=_available)
 
+    watch = devices.add_parser("watch", help="print changes in the fleet as they happen, until Ctrl-C")
+    watch.add_argument("--host", default="", help="only events of this host")
+    watch.add_argument("--device", default="", help="only events of this device id or name")
+    watch.add_argument(
+        "--after", type=int, default=0, help="resume after this event cursor (default: from now on)"
+    )
+    watch.set_defaults(handler=_watch)
+
     hosts = commands.add_parser("hosts", help="inspect hosts").add_subparsers(dest="action", required=True)
     hosts.add_parser("list", help="list hosts and their state").set_defaults(handler=_hosts)
 
@@ -327,6 +335,20 @@ def _available(args: argparse.Namespace) -> None:
         print(
             f"warning: host {failure.host} not listed: {failure.reason}: {failure.message}", file=sys.stderr
         )
+
+
+def _watch(args: argparse.Namespace) -> None:
+    request = devices_pb2.WatchDevicesRequest(host=args.host, device=args.device, after_cursor=args.after)
+    try:
+        for event in _devices_stub(args).WatchDevices(request):
+            if args.output == "json":
+                print(json.dumps(_to_dict(event)), flush=True)
+                continue
+            what = " ".join(part for part in (event.name, event.pci_address) if part) or "-"
+            detail = f"  ({event.detail})" if event.detail else ""
+            print(f"{event.cursor:>8}  {event.kind:<16} {event.host or '-':<16} {what}{detail}", flush=True)
+    except KeyboardInterrupt:
+        pass
 
 
 def _hosts(args: argparse.Namespace) -> None:

@@ -72,6 +72,24 @@ class HostRecord:
     functions: str = "{}"
 
 
+@dataclass(frozen=True)
+class EventRecord:
+    """One change in the fleet, in the order the registry stored it."""
+
+    cursor: int
+    kind: str
+    host: str
+    device_id: str = ""
+    name: str = ""
+    pci_address: str = ""
+    detail: str = ""
+    at: datetime | None = None
+
+
+# Events kept for watchers that reconnect; an older cursor gets a resync signal.
+EVENTS_RETAINED = 10_000
+
+
 class Registry(Protocol):
     """Storage of devices and hosts; every method is safe to call concurrently."""
 
@@ -118,6 +136,18 @@ class Registry(Protocol):
 
     async def save_request(self, record: RequestRecord) -> None:
         """Store a call's outcome; an existing record with the same id is kept."""
+
+    async def add_event(self, event: EventRecord) -> int:
+        """Store an event and return its cursor; older events beyond the retention are pruned."""
+
+    async def events_after(self, cursor: int, limit: int) -> list[EventRecord]:
+        """Return events with a cursor above `cursor`, oldest first."""
+
+    async def event_bounds(self) -> tuple[int, int]:
+        """Return the oldest retained cursor and the newest cursor, (0, 0) without events."""
+
+    async def set_host_available(self, name: str, available: bool) -> bool:
+        """Set the host's availability flag; return whether this call changed it."""
 
     async def save_host(self, host: HostRecord) -> None:
         """Insert or update the host under its name."""

@@ -19,7 +19,9 @@ from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from controller.registry import (
     DEVICE_COLUMNS,
+    EVENTS_RETAINED,
     DeviceRecord,
+    EventRecord,
     HostRecord,
     RequestRecord,
     already_registered,
@@ -95,7 +97,27 @@ MIGRATIONS: list[tuple[int, str]] = [
         ALTER TABLE hosts ADD COLUMN functions TEXT NOT NULL DEFAULT '{}';
         """,
     ),
+    (
+        4,
+        """
+        ALTER TABLE hosts ADD COLUMN available BOOLEAN NOT NULL DEFAULT TRUE;
+        CREATE TABLE events (
+            cursor BIGSERIAL PRIMARY KEY,
+            kind TEXT NOT NULL,
+            host TEXT NOT NULL,
+            device_id TEXT NOT NULL,
+            name TEXT NOT NULL,
+            pci_address TEXT NOT NULL,
+            detail TEXT NOT NULL,
+            at TIMESTAMPTZ NOT NULL DEFAULT now()
+        );
+        """,
+    ),
 ]
+
+# Channel on which every controller announces new events, so watchers on other
+# controllers wake at once instead of at their next poll.
+EVENTS_CHANNEL = "devpass_events"
 
 
 class PostgresRegistry:
@@ -220,6 +242,82 @@ class PostgresRegistry:
             "ON CONFLICT (request_id) DO NOTHING",
             (record.request_id, record.method, record.fingerprint, record.response),
         )
+
+    async def add_event(self, event: EventRecord) -> int:
+        async def insert(connection: psycopg.AsyncConnection[Any]) -> int:
+            async with connection.transaction():
+                row = await self._fetch_one(
+                    connection,
+                    "INSERT INTO events (kind, host, device_id, name, pci_address, detail) "
+                    "VALUES (%s, %s, %s, %s, %s, %s) RETURNING cursor",
+                    (event.kind, event.host, event.device_id, event.name, event.pci_address, event.detail),
+                )
+                assert row is not None
+                added = int(row["cursor"])
+                await connection.execute("SELECT pg_notify(%s, %s)", (EVENTS_CHANNEL, str(added)))
+                if added % 100 == 0:
+                    await connection.execute(
+                        "DELETE FROM events WHERE cursor <= %s", (added - EVENTS_RETAINED,)
+                    )
+
+            return added
+
+        return await self._with_connection(insert)
+
+    async def events_after(self, cursor: int, limit: int) -> list[EventRecord]:
+        async def select(connection: psycopg.AsyncConnection[Any]) -> list[EventRecord]:
+            async with connection.cursor(row_factory=dict_row) as rows:
+                await rows.execute(
+                    "SELECT * FROM events WHERE cursor > %s ORDER BY cursor LIMIT %s", (cursor, limit)
+                )
+                return [
+                    EventRecord(
+                        cursor=row["cursor"],
+                        kind=row["kind"],
+                        host=row["host"],
+                        device_id=row["device_id"],
+                        name=row["name"],
+                        pci_address=row["pci_address"],
+                        detail=row["detail"],
+                        at=row["at"],
+                    )
+                    for row in await rows.fetchall()
+                ]
+
+        return await self._with_connection(select)
+
+    async def event_bounds(self) -> tuple[int, int]:
+        async def select(connection: psycopg.AsyncConnection[Any]) -> tuple[int, int]:
+            cursor = await connection.execute("SELECT MIN(cursor), MAX(cursor) FROM events")
+            row = await cursor.fetchone()
+            assert row is not None
+            return (row[0] or 0, row[1] or 0)
+
+        return await self._with_connection(select)
+
+    async def set_host_available(self, name: str, available: bool) -> bool:
+        async def update(connection: psycopg.AsyncConnection[Any]) -> bool:
+            cursor = await connection.execute(
+                "UPDATE hosts SET available = %s WHERE name = %s AND available != %s",
+                (available, name, available),
+            )
+            return cursor.rowcount > 0
+
+        return await self._with_connection(update)
+
+    async def wait_for_event(self, timeout: float) -> None:
+        """Return when another controller announces an event, or after `timeout` seconds."""
+        try:
+            connection = await psycopg.AsyncConnection.connect(self._url, autocommit=True)
+        except psycopg.OperationalError as err:
+            raise _unavailable(err) from err
+        try:
+            await connection.execute(f"LISTEN {EVENTS_CHANNEL}".encode())
+            generator = connection.notifies(timeout=timeout, stop_after=1)
+            async for _ in generator:
+                break
+        finally:
+            await connection.close()
 
     async def save_host(self, host: HostRecord) -> None:
         await self._execute(

@@ -19,7 +19,9 @@ import structlog
 
 from controller.registry import (
     DEVICE_COLUMNS,
+    EVENTS_RETAINED,
     DeviceRecord,
+    EventRecord,
     HostRecord,
     RequestRecord,
     already_registered,
@@ -98,6 +100,22 @@ MIGRATIONS: list[tuple[int, str]] = [
         ALTER TABLE hosts ADD COLUMN functions TEXT NOT NULL DEFAULT '{}';
         """,
     ),
+    (
+        5,
+        """
+        ALTER TABLE hosts ADD COLUMN available INTEGER NOT NULL DEFAULT 1;
+        CREATE TABLE events (
+            cursor INTEGER PRIMARY KEY AUTOINCREMENT,
+            kind TEXT NOT NULL,
+            host TEXT NOT NULL,
+            device_id TEXT NOT NULL,
+            name TEXT NOT NULL,
+            pci_address TEXT NOT NULL,
+            detail TEXT NOT NULL,
+            at TEXT NOT NULL
+        );
+        """,
+    ),
 ]
 
 _DEVICE_COLUMNS = DEVICE_COLUMNS
@@ -159,6 +177,18 @@ class SqliteRegistry:
             "VALUES (?, ?, ?, ?, ?) ON CONFLICT (request_id) DO NOTHING",
             (record.request_id, record.method, record.fingerprint, record.response, _now()),
         )
+
+    async def add_event(self, event: EventRecord) -> int:
+        return await self._run(self._add_event, event)
+
+    async def events_after(self, cursor: int, limit: int) -> list[EventRecord]:
+        return await self._run(self._events_after, cursor, limit)
+
+    async def event_bounds(self) -> tuple[int, int]:
+        return await self._run(self._event_bounds)
+
+    async def set_host_available(self, name: str, available: bool) -> bool:
+        return await self._run(self._set_host_available, name, available)
 
     async def save_host(self, host: HostRecord) -> None:
         await self._run(self._save_host, host)
@@ -318,6 +348,52 @@ class SqliteRegistry:
             return None
 
         return RequestRecord(row["request_id"], row["method"], row["fingerprint"], bytes(row["response"]))
+
+    def _add_event(self, event: EventRecord) -> int:
+        cursor = self._db().execute(
+            "INSERT INTO events (kind, host, device_id, name, pci_address, detail, at) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (event.kind, event.host, event.device_id, event.name, event.pci_address, event.detail, _now()),
+        )
+        added = int(cursor.lastrowid or 0)
+        if added % 100 == 0:
+            self._db().execute("DELETE FROM events WHERE cursor <= ?", (added - EVENTS_RETAINED,))
+
+        return added
+
+    def _events_after(self, cursor: int, limit: int) -> list[EventRecord]:
+        rows = (
+            self._db()
+            .execute("SELECT * FROM events WHERE cursor > ? ORDER BY cursor LIMIT ?", (cursor, limit))
+            .fetchall()
+        )
+
+        return [
+            EventRecord(
+                cursor=row["cursor"],
+                kind=row["kind"],
+                host=row["host"],
+                device_id=row["device_id"],
+                name=row["name"],
+                pci_address=row["pci_address"],
+                detail=row["detail"],
+                at=datetime.fromisoformat(row["at"]),
+            )
+            for row in rows
+        ]
+
+    def _event_bounds(self) -> tuple[int, int]:
+        row = self._db().execute("SELECT MIN(cursor), MAX(cursor) FROM events").fetchone()
+
+        return (row[0] or 0, row[1] or 0)
+
+    def _set_host_available(self, name: str, available: bool) -> bool:
+        cursor = self._db().execute(
+            "UPDATE hosts SET available = ? WHERE name = ? AND available != ?",
+            (int(available), name, int(available)),
+        )
+
+        return cursor.rowcount > 0
 
     def _remove_device(self, device_id: str) -> bool:
         cursor = self._db().execute("DELETE FROM devices WHERE id = ?", (device_id,))

@@ -225,3 +225,33 @@ class HostError(_message.Message):
     reason: str
     message: str
     def __init__(self, host: _Optional[str] = ..., reason: _Optional[str] = ..., message: _Optional[str] = ...) -> None: ...
+
+class WatchDevicesRequest(_message.Message):
+    __slots__ = ("host", "device", "after_cursor")
+    HOST_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
+    AFTER_CURSOR_FIELD_NUMBER: _ClassVar[int]
+    host: str
+    device: str
+    after_cursor: int
+    def __init__(self, host: _Optional[str] = ..., device: _Optional[str] = ..., after_cursor: _Optional[int] = ...) -> None: ...
+
+class DeviceEvent(_message.Message):
+    __slots__ = ("cursor", "kind", "host", "device_id", "name", "pci_address", "detail", "at")
+    CURSOR_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    HOST_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_ID_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    PCI_ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    DETAIL_FIELD_NUMBER: _ClassVar[int]
+    AT_FIELD_NUMBER: _ClassVar[int]
+    cursor: int
+    kind: str
+    host: str
+    device_id: str
+    name: str
+    pci_address: str
+    detail: str
+    at: _timestamp_pb2.Timestamp
+    def __init__(self, cursor: _Optional[int] = ..., kind: _Optional[str] = ..., host: _Optional[str] = ..., device_id: _Optional[str] = ..., name: _Optional[str] = ..., pci_address: _Optional[str] = ..., detail: _Optional[str] = ..., at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...

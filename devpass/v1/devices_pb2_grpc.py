@@ -80,6 +80,11 @@ class DeviceServiceStub:
                 request_serializer=devpass_dot_v1_dot_devices__pb2.DetachDeviceRequest.SerializeToString,
                 response_deserializer=devpass_dot_v1_dot_devices__pb2.Device.FromString,
                 _registered_method=True)
+        self.WatchDevices = channel.unary_stream(
+                '/devpass.v1.DeviceService/WatchDevices',
+                request_serializer=devpass_dot_v1_dot_devices__pb2.WatchDevicesRequest.SerializeToString,
+                response_deserializer=devpass_dot_v1_dot_devices__pb2.DeviceEvent.FromString,
+                _registered_method=True)
 
 
 class DeviceServiceServicer:
@@ -141,6 +146,13 @@ class DeviceServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def WatchDevices(self, request, context):
+        """Streams changes in the fleet as they happen, from any controller sharing the registry.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_DeviceServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -188,6 +200,11 @@ def add_DeviceServiceServicer_to_server(servicer, server):
                     servicer.DetachDevice,
                     request_deserializer=devpass_dot_v1_dot_devices__pb2.DetachDeviceRequest.FromString,
                     response_serializer=devpass_dot_v1_dot_devices__pb2.Device.SerializeToString,
+            ),
+            'WatchDevices': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchDevices,
+                    request_deserializer=devpass_dot_v1_dot_devices__pb2.WatchDevicesRequest.FromString,
+                    response_serializer=devpass_dot_v1_dot_devices__pb2.DeviceEvent.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -434,6 +451,33 @@ class DeviceService:
             '/devpass.v1.DeviceService/DetachDevice',
             devpass_dot_v1_dot_devices__pb2.DetachDeviceRequest.SerializeToString,
             devpass_dot_v1_dot_devices__pb2.Device.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchDevices(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/devpass.v1.DeviceService/WatchDevices',
+            devpass_dot_v1_dot_devices__pb2.WatchDevicesRequest.SerializeToString,
+            devpass_dot_v1_dot_devices__pb2.DeviceEvent.FromString,
             options,
             channel_credentials,
             insecure,

@@ -26,7 +26,7 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from devpass.v1 import pci_pb2 as devpass_dot_v1_dot_pci__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16\x64\x65vpass/v1/hosts.proto\x12\ndevpass.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x14\x64\x65vpass/v1/pci.proto\"\x86\x02\n\x04Host\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x15\n\ragent_address\x18\x02 \x01(\t\x12\x15\n\ragent_version\x18\x03 \x01(\t\x12\x15\n\riommu_enabled\x18\x04 \x01(\x08\x12\x16\n\x0evfio_available\x18\x05 \x01(\x08\x12\x11\n\tsimulated\x18\x06 \x01(\x08\x12\x11\n\tavailable\x18\x07 \x01(\x08\x12\x32\n\x0elast_heartbeat\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x1d\n\x15heartbeat_age_seconds\x18\t \x01(\x01\x12\x1a\n\x12pci_function_count\x18\n \x01(\x05\"\x12\n\x10ListHostsRequest\"4\n\x11ListHostsResponse\x12\x1f\n\x05hosts\x18\x01 \x03(\x0b\x32\x10.devpass.v1.Host\"\xbc\x01\n\x10HeartbeatRequest\x12\x0c\n\x04host\x18\x01 \x01(\t\x12\x15\n\ragent_address\x18\x02 \x01(\t\x12\x15\n\ragent_version\x18\x03 \x01(\t\x12\x15\n\riommu_enabled\x18\x04 \x01(\x08\x12\x16\n\x0evfio_available\x18\x05 \x01(\x08\x12\x11\n\tsimulated\x18\x06 \x01(\x08\x12*\n\tfunctions\x18\x07 \x03(\x0b\x32\x17.devpass.v1.PciFunction\"-\n\x11HeartbeatResponse\x12\x18\n\x10interval_seconds\x18\x01 \x01(\x01\x32\xa1\x01\n\x0bHostService\x12H\n\tListHosts\x12\x1c.devpass.v1.ListHostsRequest\x1a\x1d.devpass.v1.ListHostsResponse\x12H\n\tHeartbeat\x12\x1c.devpass.v1.HeartbeatRequest\x1a\x1d.devpass.v1.HeartbeatResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16\x64\x65vpass/v1/hosts.proto\x12\ndevpass.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x14\x64\x65vpass/v1/pci.proto\"\x86\x02\n\x04Host\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x15\n\ragent_address\x18\x02 \x01(\t\x12\x15\n\ragent_version\x18\x03 \x01(\t\x12\x15\n\riommu_enabled\x18\x04 \x01(\x08\x12\x16\n\x0evfio_available\x18\x05 \x01(\x08\x12\x11\n\tsimulated\x18\x06 \x01(\x08\x12\x11\n\tavailable\x18\x07 \x01(\x08\x12\x32\n\x0elast_heartbeat\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x1d\n\x15heartbeat_age_seconds\x18\t \x01(\x01\x12\x1a\n\x12pci_function_count\x18\n \x01(\x05\"\x12\n\x10ListHostsRequest\"4\n\x11ListHostsResponse\x12\x1f\n\x05hosts\x18\x01 \x03(\x0b\x32\x10.devpass.v1.Host\"\xd4\x01\n\x10HeartbeatRequest\x12\x0c\n\x04host\x18\x01 \x01(\t\x12\x15\n\ragent_address\x18\x02 \x01(\t\x12\x15\n\ragent_version\x18\x03 \x01(\t\x12\x15\n\riommu_enabled\x18\x04 \x01(\x08\x12\x16\n\x0evfio_available\x18\x05 \x01(\x08\x12\x11\n\tsimulated\x18\x06 \x01(\x08\x12*\n\tfunctions\x18\x07 \x03(\x0b\x32\x17.devpass.v1.PciFunction\x12\x16\n\x0e\x61gent_instance\x18\x08 \x01(\t\"-\n\x11HeartbeatResponse\x12\x18\n\x10interval_seconds\x18\x01 \x01(\x01\x32\xa1\x01\n\x0bHostService\x12H\n\tListHosts\x12\x1c.devpass.v1.ListHostsRequest\x1a\x1d.devpass.v1.ListHostsResponse\x12H\n\tHeartbeat\x12\x1c.devpass.v1.HeartbeatRequest\x1a\x1d.devpass.v1.HeartbeatResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -40,9 +40,9 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_LISTHOSTSRESPONSE']._serialized_start=378
   _globals['_LISTHOSTSRESPONSE']._serialized_end=430
   _globals['_HEARTBEATREQUEST']._serialized_start=433
-  _globals['_HEARTBEATREQUEST']._serialized_end=621
-  _globals['_HEARTBEATRESPONSE']._serialized_start=623
-  _globals['_HEARTBEATRESPONSE']._serialized_end=668
-  _globals['_HOSTSERVICE']._serialized_start=671
-  _globals['_HOSTSERVICE']._serialized_end=832
+  _globals['_HEARTBEATREQUEST']._serialized_end=645
+  _globals['_HEARTBEATRESPONSE']._serialized_start=647
+  _globals['_HEARTBEATRESPONSE']._serialized_end=692
+  _globals['_HOSTSERVICE']._serialized_start=695
+  _globals['_HOSTSERVICE']._serialized_end=856
 # @@protoc_insertion_point(module_scope)

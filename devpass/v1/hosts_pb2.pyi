@@ -45,7 +45,7 @@ class ListHostsResponse(_message.Message):
     def __init__(self, hosts: _Optional[_Iterable[_Union[Host, _Mapping]]] = ...) -> None: ...
 
 class HeartbeatRequest(_message.Message):
-    __slots__ = ("host", "agent_address", "agent_version", "iommu_enabled", "vfio_available", "simulated", "functions")
+    __slots__ = ("host", "agent_address", "agent_version", "iommu_enabled", "vfio_available", "simulated", "functions", "agent_instance")
     HOST_FIELD_NUMBER: _ClassVar[int]
     AGENT_ADDRESS_FIELD_NUMBER: _ClassVar[int]
     AGENT_VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -53,6 +53,7 @@ class HeartbeatRequest(_message.Message):
     VFIO_AVAILABLE_FIELD_NUMBER: _ClassVar[int]
     SIMULATED_FIELD_NUMBER: _ClassVar[int]
     FUNCTIONS_FIELD_NUMBER: _ClassVar[int]
+    AGENT_INSTANCE_FIELD_NUMBER: _ClassVar[int]
     host: str
     agent_address: str
     agent_version: str
@@ -60,7 +61,8 @@ class HeartbeatRequest(_message.Message):
     vfio_available: bool
     simulated: bool
     functions: _containers.RepeatedCompositeFieldContainer[_pci_pb2.PciFunction]
-    def __init__(self, host: _Optional[str] = ..., agent_address: _Optional[str] = ..., agent_version: _Optional[str] = ..., iommu_enabled: _Optional[bool] = ..., vfio_available: _Optional[bool] = ..., simulated: _Optional[bool] = ..., functions: _Optional[_Iterable[_Union[_pci_pb2.PciFunction, _Mapping]]] = ...) -> None: ...
+    agent_instance: str
+    def __init__(self, host: _Optional[str] = ..., agent_address: _Optional[str] = ..., agent_version: _Optional[str] = ..., iommu_enabled: _Optional[bool] = ..., vfio_available: _Optional[bool] = ..., simulated: _Optional[bool] = ..., functions: _Optional[_Iterable[_Union[_pci_pb2.PciFunction, _Mapping]]] = ..., agent_instance: _Optional[str] = ...) -> None: ...
 
 class HeartbeatResponse(_message.Message):
     __slots__ = ("interval_seconds",)
