@@ -18,9 +18,6 @@ from devpass.v1 import hosts_pb2, hosts_pb2_grpc
 
 log = structlog.get_logger()
 
-# Identifies this agent process to the controller, which reconciles a host whose agent restarted.
-_INSTANCE = uuid.uuid4().hex
-
 # Used until the controller states its interval in the first response.
 DEFAULT_INTERVAL_SECONDS = 2.0
 # A heartbeat that takes longer than this part of the interval counts as failed, so a slow
@@ -42,6 +39,8 @@ class Heartbeat:
         self._stub = hosts_pb2_grpc.HostServiceStub(channel)
         self._sysfs = sysfs
         self._identity = identity
+        # Identifies this agent run; a new one tells the controller to reconcile the host.
+        self._instance = uuid.uuid4().hex
         self.interval = DEFAULT_INTERVAL_SECONDS
         self._wake = asyncio.Event()
         # A thread of its own: binds waiting for the binder's lock can fill the default
@@ -96,6 +95,6 @@ class Heartbeat:
             iommu_enabled=self._sysfs.iommu_enabled(),
             vfio_available=self._sysfs.vfio_available(),
             simulated=self._identity.simulated,
-            agent_instance=_INSTANCE,
+            agent_instance=self._instance,
             functions=[function_to_proto(f) for f in self._sysfs.list_functions()],
         )

@@ -433,3 +433,29 @@ def test_late_vfs(setup: Setup) -> None:
 def _override(agent: InProcessAgent, address: str) -> str | None:
     value = (agent.device(address) / "driver_override").read_text().strip()
     return None if value == "(null)" else value
+
+
+def test_reconcile_after_reboot(setup: Setup) -> None:
+    agent = setup.agent("l4.yaml")
+    setup.register(L4, name="l4", bind_vfio=True)
+    setup.register("0000:04:00.0", name="nic")
+    agent.stop()
+    # A reboot: the L4 comes back on nvidia; something outside devpass puts the NIC on vfio-pci.
+    kernel, sysfs = agent.host.kernel, agent.host.sysfs_root
+    kernel.write(agent.device(L4) / "driver_override", "\n")
+    kernel.write(sysfs / "bus/pci/drivers/vfio-pci/unbind", L4)
+    kernel.write(sysfs / "bus/pci/drivers_probe", L4)
+    kernel.write(agent.device("0000:04:00.0") / "driver_override", "vfio-pci")
+    kernel.write(sysfs / "bus/pci/drivers/bnxt_en/unbind", "0000:04:00.0")
+    kernel.write(sysfs / "bus/pci/drivers_probe", "0000:04:00.0")
+    assert agent.driver(L4) == "nvidia"
+
+    restarted = setup.agent("l4.yaml", host=agent.host)
+
+    _eventually(lambda: restarted.driver(L4) == "vfio-pci")
+    _eventually(lambda: "device_bound_outside_devpass" in setup.controller.log())
+    nic = setup.get("nic")
+    assert nic.bound_to_vfio is True
+    assert nic.bound_by_devpass is False
+    assert restarted.driver("0000:04:00.0") == "vfio-pci"
+    assert setup.get("l4").bound_by_devpass is True
