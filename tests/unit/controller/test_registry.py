@@ -232,3 +232,22 @@ def test_concurrent_open_migrates_once(open_registry: Callable[[], Registry]) ->
                 await registry.close()
 
     asyncio.run(main())
+
+
+def test_sqlite_commits_are_durable(tmp_path: Path) -> None:
+    async def main() -> tuple[str, int]:
+        registry = SqliteRegistry(tmp_path / "registry.sqlite3")
+        await registry.open()
+        try:
+            connection = registry._db()  # the settings live on the connection itself
+            journal_mode = connection.execute("PRAGMA journal_mode").fetchone()[0]
+            synchronous = connection.execute("PRAGMA synchronous").fetchone()[0]
+            return journal_mode, synchronous
+        finally:
+            await registry.close()
+
+    journal_mode, synchronous = asyncio.run(main())
+
+    assert journal_mode == "wal"
+    # 2 is FULL: the WAL is synced to disk at every commit, not only at checkpoints.
+    assert synchronous == 2
