@@ -237,7 +237,8 @@ class HostDirectory:
 
         raise HostUnavailable(
             f"host {state.name} is unavailable: no heartbeat from its agent for "
-            f"{self.heartbeat_age(state):.1f} s (limit {self.interval * self.missed_heartbeats:.1f} s); "
+            f"{self.heartbeat_age(state):.2f} s, more than the limit of "
+            f"{self.interval * self.missed_heartbeats:.2f} s; "
             "check the agent and its network path to the controller",
             host=state.name,
         )
