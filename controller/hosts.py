@@ -37,7 +37,7 @@ class HostReport:
 
 @dataclass
 class HostState:
-    """A host as the directory sees it; the directory owns and mutates these."""
+    """A host as the directory tracks it; the directory owns and mutates these."""
 
     record: HostRecord
     functions: dict[str, FunctionState] = field(default_factory=dict)
@@ -56,7 +56,7 @@ class HostDirectory:
     A host counts as unavailable once `missed_heartbeats` intervals pass without one.
     Every heartbeat is stored in the registry, so controllers that share a database agree
     on liveness whichever of them received the heartbeat, and a restarted controller
-    knows every host. Live function state (drivers) stays with the controller that
+    loads every host. Live function state (drivers) stays with the controller that
     received the heartbeat.
     """
 
@@ -132,7 +132,7 @@ class HostDirectory:
     def _save_soon(self, record: HostRecord) -> None:
         """Store the heartbeat in the background, one write per host at a time.
 
-        The heartbeat's answer does not wait for the database, so a slow or stopped
+        The heartbeat's response does not wait for the database, so a slow or stopped
         database never makes a live host look dead to the controller that heard it.
         """
         self._pending_saves[record.name] = record

@@ -46,8 +46,8 @@ class ReleaseResult:
 class Passthrough:
     """Drive the agents' binds and restores and keep the registry's record of them.
 
-    The registry's `bound_by_devpass` and `original_driver` say what devpass did to a
-    device; `attached_to` says which instance holds it. Nothing here writes to a host
+    The registry's `bound_by_devpass` and `original_driver` record what devpass did to a
+    device; `attached_to` records the instance that uses it. Nothing here writes to a host
     directly: agents do, after their own safety checks.
     """
 
@@ -316,7 +316,7 @@ class Passthrough:
     async def _require_present(self, record: DeviceRecord) -> None:
         """Raise DeviceNotPresent when the host no longer has the device.
 
-        The last heartbeat answers when it shows the device; otherwise the agent is asked,
+        The last heartbeat decides when it lists the device; otherwise the agent is asked,
         because a device can appear (a new VF) between two heartbeats.
         """
         if self._devices.view(record).present:
