@@ -38,7 +38,7 @@ class Blocker:
 
 
 def check_identity(function: PciFunctionInfo, expected: Identity | None) -> None:
-    """Raise IdentityMismatch when the address now holds other hardware than `expected`."""
+    """Raise IdentityMismatch when the address now contains other hardware than `expected`."""
     if expected is None:
         return
 

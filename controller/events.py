@@ -1,6 +1,6 @@
 """Fleet events: stored by whichever controller made the change, streamed to watchers by any.
 
-Events live in the registry, so a watcher on one controller sees changes made through
+Events live in the registry, so a watcher on one controller receives changes made through
 another. Watchers poll the registry; on PostgreSQL a NOTIFY wakes them at once.
 """
 
