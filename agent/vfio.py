@@ -104,7 +104,7 @@ class Binder:
                 before any write, so nothing was written.
             WritePending: an earlier write to one of the functions has not returned.
             WriteTimedOut: a write hung; the function stays journalled for repair.
-            BindFailed: a step failed and the functions were rolled back; metadata says
+            BindFailed: a step failed and the functions were rolled back; metadata records
                 whether the rollback succeeded and what state the function is in.
         """
         with self._lock:
@@ -140,7 +140,7 @@ class Binder:
             PciDeviceNotFound, IdentityMismatch: checked before any write.
             WritePending, WriteTimedOut: as for `bind`.
             BindFailed: a step failed; the function was put back on vfio-pci, or the
-                metadata says it could not be.
+                metadata records that it could not be.
         """
         with self._lock:
             function = self._sysfs.read_function(address)
