@@ -256,9 +256,28 @@ def _host_environment(args: argparse.Namespace) -> HostEnvironment:
 
     description = HostDescription.from_yaml(args.simulate)
     base = args.simulate_dir or Path(tempfile.mkdtemp(prefix=f"devpass-sim-{description.host}-"))
-    simulated_host = SimulatedHost.build(description, base / "host")
+    tree = base / "host"
+    # A tree left by an earlier agent on this --simulate-dir keeps its driver state, so
+    # the restart repairs from the journal against what that agent left.
+    reopen = tree.is_dir() and any(tree.iterdir())
+    if reopen:
+        simulated_host = SimulatedHost.reopen(description, tree)
+    else:
+        simulated_host = SimulatedHost.build(description, tree)
+    environment = simulated_environment(simulated_host, base / "state", host_name=args.host_name)
 
-    return simulated_environment(simulated_host, base / "state", host_name=args.host_name)
+    # serve() configures logging only after this returns, so configure it the same way
+    # here for this event to reach the log in the agent's format.
+    logs.configure(
+        "agent", level=args.log_level, json=args.log_json, host=environment.host_name, simulated=True
+    )
+    log.info(
+        "simulated_host_reopened" if reopen else "simulated_host_built",
+        description=str(args.simulate),
+        tree=str(simulated_host.base),
+    )
+
+    return environment
 
 
 def simulated_environment(

@@ -22,7 +22,8 @@ drivers/pci/pci-sysfs.c and iov.c, drivers/vfio/pci/vfio_pci_core.c):
 
 Modules: ``devices`` and ``description`` contain the parsed description, ``fields``
 reads its YAML values and ``validation`` checks the rules that span devices. ``tree``
-builds the host. ``kernel`` applies writes, and the ``bus`` it extends keeps the sysfs
+builds the host, and ``reopen`` reads back the kernel state that an earlier process
+left in its tree. ``kernel`` applies writes, and the ``bus`` it extends keeps the sysfs
 tree in step with the present functions. ``files`` formats sysfs and /proc contents.
 ``virtual`` parses the host-level parts that belong to no function, ``stacks`` lays out
 the virtual interfaces and disks, and ``display`` the framebuffer and DRM entries.

@@ -149,6 +149,37 @@ class _PciBus:
         self._add_virtual_devices()
         self._write_route_table()
 
+    def _adopt(self, devices: Iterable[_LiveDevice]) -> None:
+        """Take over functions that an earlier kernel left in the tree, instead of booting.
+
+        Each function's ``driver`` link is the record of its driver, because attaching
+        creates it first and detaching removes it first. The entries that follow from it
+        (the driver directory's link, uevent, the /dev/vfio node, the NVIDIA /proc entry
+        and the display entries) are brought in step, which finishes an attach or detach
+        that a kill interrupted.
+        """
+        for device in devices:
+            self._devices[device.spec.address] = device
+            self._directories[device.directory] = device.spec.address
+        for device in self._devices.values():
+            self._sync_driver_entries(device)
+
+    def _sync_driver_entries(self, device: _LiveDevice) -> None:
+        address = device.spec.address
+        for driver_dir in (self._root / "bus" / "pci" / "drivers").iterdir():
+            link = driver_dir / address
+            if driver_dir.name != device.driver:
+                link.unlink(missing_ok=True)
+            elif not link.is_symlink():
+                _symlink(link, self._root / device.directory)
+
+        uevent = _uevent(device.spec, device.driver)
+        if (self._root / device.directory / "uevent").read_text() != uevent:
+            self._write_attribute(device, "uevent", uevent)
+        self._sync_vfio_node(device.spec.iommu_group)
+        self._sync_nvidia_information(device)
+        self._sync_display(device)
+
     def _add_virtual_devices(self) -> None:
         """Stack the bridges, bonds, VLANs, dm and md disks on the functions' own, lowest first."""
         description = self._host.description

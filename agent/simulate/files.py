@@ -182,12 +182,18 @@ def _nvidia_minor(spec: DeviceDescription) -> int | None:
 
 
 def _write_file(path: Path, content: str | bytes, mode: int) -> None:
+    """Replace ``path`` with ``content`` and ``mode`` in one rename.
+
+    A process killed mid-write leaves the old or the new file, never a truncated one,
+    so ``SimulatedHost.reopen`` reads what the last completed write stored.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     data = content.encode() if isinstance(content, str) else content
-    if path.exists():
-        path.chmod(0o644)
-    path.write_bytes(data)
-    path.chmod(mode)
+    partial = path.with_name(f".{path.name}.partial")
+    partial.unlink(missing_ok=True)
+    partial.write_bytes(data)
+    partial.chmod(mode)
+    os.replace(partial, path)
 
 
 def _symlink(link: Path, target: Path) -> None:

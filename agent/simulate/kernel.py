@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Literal, cast
 
 from agent.simulate.bus import _LiveDevice, _PciBus
 from agent.simulate.devices import VFIO_DRIVER, SriovDescription
+from agent.simulate.reopen import _read_live_devices
 from devpass.pci import PciAddress
 
 if TYPE_CHECKING:
@@ -65,11 +66,17 @@ class SimulatedKernel(_PciBus):
     lock, so other writes and ``release_hangs`` still go through.
     """
 
-    def __init__(self, host: SimulatedHost, *, hang_timeout: float = 30.0) -> None:
+    def __init__(self, host: SimulatedHost, *, hang_timeout: float = 30.0, reopen: bool = False) -> None:
         """Boot the kernel: lay out the host's sysfs tree as the description gives it.
 
+        With ``reopen``, take over the sysfs tree that an earlier kernel left instead,
+        with the drivers, overrides, VFs and removals it recorded there.
         ``hang_timeout`` bounds in seconds how long an injected HANG blocks when no
         test releases it, so a forgotten hang cannot keep the test process alive.
+
+        Raises:
+            ValueError: with ``reopen``, the tree cannot be read back; see
+                ``_read_live_devices``.
         """
         super().__init__(host)
         self._lock = threading.Lock()
@@ -78,7 +85,10 @@ class SimulatedKernel(_PciBus):
         self._writes: list[tuple[str, str]] = []
         self._faults: list[_Fault] = []
         self._hangs: list[threading.Event] = []
-        self._boot()
+        if reopen:
+            self._adopt(_read_live_devices(self._root, host.description))
+        else:
+            self._boot()
 
     # Public interface -------------------------------------------------------
 

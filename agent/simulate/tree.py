@@ -17,13 +17,18 @@ class SimulatedHost:
     """A host's sysfs, /dev and /proc trees under one base directory.
 
     The tree is written once by ``build``. After that only ``kernel`` changes it,
-    so every change goes through the same checks a real kernel makes.
+    so every change goes through the same checks a real kernel makes. A later process
+    attaches to the same tree with ``reopen``.
     """
 
-    def __init__(self, description: HostDescription, base: Path) -> None:
+    def __init__(self, description: HostDescription, base: Path, *, reopen: bool = False) -> None:
+        """Boot a kernel on ``base``, or with ``reopen`` take over the kernel state the tree records.
+
+        Create hosts through ``build`` or ``reopen``, which prepare ``base`` first.
+        """
         self._description = description
         self._base = base
-        self._kernel = SimulatedKernel(self)
+        self._kernel = SimulatedKernel(self, reopen=reopen)
 
     @classmethod
     def build(cls, description: HostDescription, base: Path) -> SimulatedHost:
@@ -48,6 +53,38 @@ class SimulatedHost:
         _write_processes(description, base / "proc", base / "dev", base / "sys")
 
         return host
+
+    @classmethod
+    def reopen(cls, description: HostDescription, base: Path) -> SimulatedHost:
+        """Attach to the tree that ``build`` created in ``base`` in this or an earlier process.
+
+        The kernel state comes from the tree as the last process left it: the present
+        functions (a removed one stays removed until a rescan), each function's driver
+        link and driver_override, and the enabled VFs. The /dev/vfio nodes and the other
+        entries that follow from a driver are brought in step with the driver links,
+        which finishes a bind or unbind that a kill interrupted. Writes then behave as on
+        a built host. Injected faults, hangs and the ``writes`` record start empty.
+
+        NOTE: a kill while a function is being added or removed (remove, rescan,
+        sriov_numvfs writes) can leave a partial directory. A VF count that disagrees
+        with the present VFs raises, but other partial entries go undetected.
+
+        Raises:
+            ValueError: ``base`` contains no simulated tree, or one built from another
+                description, or a VF count that disagrees with the present VFs.
+        """
+        base = Path(os.path.realpath(base))
+        missing = [name for name in ("sys", "dev", "proc") if not (base / name).is_dir()]
+        if missing:
+            raise ValueError(
+                f"cannot reopen a simulated host in {base}: missing directories {', '.join(missing)}. "
+                "Build the host in an empty directory instead"
+            )
+
+        try:
+            return cls(description, base, reopen=True)
+        except ValueError as err:
+            raise ValueError(f"cannot reopen the simulated host in {base}: {err}") from err
 
     @property
     def description(self) -> HostDescription:

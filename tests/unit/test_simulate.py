@@ -7,12 +7,16 @@ import errno
 import os
 import struct
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+import structlog
+import yaml
 
 from agent.kernel import KernelWriter, SysfsWriter
+from agent.main import _host_environment, build_parser
 from agent.simulate import HostDescription, SimulatedHost
 
 HOSTS_DIR = Path(__file__).resolve().parents[1] / "hosts"
@@ -811,6 +815,211 @@ def test_removed_vfio_device_drops_group_node(host: SimulatedHost) -> None:
     write(host, f"bus/pci/devices/{GPU}/remove", "1")
 
     assert not (host.dev_root / "vfio" / "2").exists()
+
+
+# ---------------------------------------------------------------------------
+# Reopening a tree that an earlier process built
+# ---------------------------------------------------------------------------
+
+
+def change_state(host: SimulatedHost) -> None:
+    """Leave the host as a killed agent might: GPU on vfio-pci, AUDIO mid-bind, NVMe removed, VFs on."""
+    move_to_vfio(host, GPU)
+    # AUDIO stops after the unbind: override set, no driver, the probe still to come.
+    write(host, f"bus/pci/devices/{AUDIO}/driver_override", "vfio-pci\n")
+    write(host, "bus/pci/drivers/snd_hda_intel/unbind", AUDIO)
+    write(host, f"bus/pci/devices/{NVME}/remove", "1")
+    write(host, f"bus/pci/devices/{PF}/sriov_numvfs", "4")
+    move_to_vfio(host, VFS[0])
+
+
+@pytest.fixture
+def reopened(host: SimulatedHost) -> SimulatedHost:
+    change_state(host)
+
+    return SimulatedHost.reopen(host.description, host.base)
+
+
+def test_reopen_leaves_tree_unchanged(host: SimulatedHost) -> None:
+    change_state(host)
+    before = tree_snapshot(host)
+
+    reopened = SimulatedHost.reopen(host.description, host.base)
+
+    assert reopened.base == host.base
+    assert reopened.sysfs_root == host.sysfs_root
+    assert tree_snapshot(reopened) == before
+    assert reopened.kernel.writes == []
+
+
+def test_reopen_reads_drivers_from_links(reopened: SimulatedHost) -> None:
+    assert driver_of(reopened, BRIDGE) == "pcieport"
+    assert driver_of(reopened, GPU) == "vfio-pci"
+    assert driver_of(reopened, AUDIO) is None
+    assert driver_of(reopened, PF) == "mlx5_core"
+    assert driver_of(reopened, VFS[0]) == "vfio-pci"
+    assert driver_of(reopened, SPARE) is None
+    for vf in VFS[1:]:
+        assert driver_of(reopened, vf) == "mlx5_core"
+
+
+def test_reopen_keeps_vfio_nodes(reopened: SimulatedHost) -> None:
+    assert (reopened.dev_root / "vfio" / "2").exists()
+    assert (reopened.dev_root / "vfio" / "90").exists()
+    assert not (reopened.dev_root / "vfio" / "91").exists()
+    assert not (reopened.dev_root / "vfio" / "4").exists()
+
+
+def test_reopen_finishes_pending_probe(reopened: SimulatedHost) -> None:
+    # The probe uses the override that the earlier process wrote, read back from the tree.
+    write(reopened, "bus/pci/drivers_probe", AUDIO)
+
+    assert driver_of(reopened, AUDIO) == "vfio-pci"
+    assert attribute(reopened, AUDIO, "driver_override") == "vfio-pci\n"
+
+
+def test_reopen_restores_bound_device(reopened: SimulatedHost) -> None:
+    write(reopened, f"bus/pci/devices/{GPU}/driver_override", "\n")
+    write(reopened, "bus/pci/drivers/vfio-pci/unbind", GPU)
+    write(reopened, "bus/pci/drivers_probe", GPU)
+
+    assert driver_of(reopened, GPU) == "nvidia"
+    assert attribute(reopened, GPU, "driver_override") == "(null)\n"
+    assert "DRIVER=nvidia\n" in attribute(reopened, GPU, "uevent")
+    assert (reopened.sysfs_root / "bus" / "pci" / "drivers" / "nvidia" / GPU).is_symlink()
+    assert not (reopened.sysfs_root / "bus" / "pci" / "drivers" / "vfio-pci" / GPU).exists()
+    # AUDIO, the other member of group 2, has no driver, so the group's node goes.
+    assert not (reopened.dev_root / "vfio" / "2").exists()
+
+
+def test_reopen_keeps_removed_device_removed(reopened: SimulatedHost) -> None:
+    assert not os.path.lexists(reopened.device_path(NVME))
+    assert group_members(reopened, 4) == []
+    with pytest.raises(OSError) as raised:
+        write(reopened, "bus/pci/drivers_probe", NVME)
+    assert raised.value.errno == errno.ENODEV
+
+    write(reopened, "bus/pci/rescan", "1")
+
+    assert driver_of(reopened, NVME) == "nvme"
+    assert (reopened.sysfs_root / "class" / "block" / "nvme0n1").is_symlink()
+
+
+def test_reopen_keeps_enabled_vfs(reopened: SimulatedHost) -> None:
+    assert attribute(reopened, PF, "sriov_numvfs") == "4\n"
+    for vf in VFS:
+        assert reopened.device_path(vf).exists()
+
+    # A different non-zero count is rejected only while the kernel has 4 VFs enabled.
+    with pytest.raises(OSError) as raised:
+        write(reopened, f"bus/pci/devices/{PF}/sriov_numvfs", "2")
+    assert raised.value.errno == errno.EBUSY
+
+    write(reopened, f"bus/pci/devices/{PF}/sriov_numvfs", "0")
+
+    for vf in VFS:
+        assert not os.path.lexists(reopened.device_path(vf))
+    assert not (reopened.dev_root / "vfio" / "90").exists()
+
+
+def test_reopen_twice_keeps_state(reopened: SimulatedHost) -> None:
+    write(reopened, "bus/pci/drivers_probe", AUDIO)
+
+    again = SimulatedHost.reopen(reopened.description, reopened.base)
+
+    assert driver_of(again, AUDIO) == "vfio-pci"
+    assert driver_of(again, GPU) == "vfio-pci"
+    write(again, "bus/pci/drivers/vfio-pci/unbind", AUDIO)
+    assert driver_of(again, AUDIO) is None
+
+
+def test_reopen_finishes_interrupted_bind(host: SimulatedHost) -> None:
+    """A kill after the attach created the function's driver link, before the rest."""
+    move_to_vfio(host, GPU)
+    (host.sysfs_root / "bus" / "pci" / "drivers" / "vfio-pci" / GPU).unlink()
+    (host.dev_root / "vfio" / "2").unlink()
+    (device_dir(host, GPU) / "uevent").write_text((device_dir(host, AUDIO) / "uevent").read_text())
+
+    reopened = SimulatedHost.reopen(host.description, host.base)
+
+    assert (reopened.sysfs_root / "bus" / "pci" / "drivers" / "vfio-pci" / GPU).is_symlink()
+    assert "DRIVER=vfio-pci\n" in attribute(reopened, GPU, "uevent")
+    assert (reopened.dev_root / "vfio" / "2").exists()
+    assert not (reopened.proc_root / "driver" / "nvidia" / "gpus" / GPU).exists()
+
+
+def test_reopen_finishes_interrupted_unbind(host: SimulatedHost) -> None:
+    """A kill after the detach removed the function's driver link, before the rest."""
+    move_to_vfio(host, GPU)
+    (device_dir(host, GPU) / "driver").unlink()
+
+    reopened = SimulatedHost.reopen(host.description, host.base)
+
+    assert driver_of(reopened, GPU) is None
+    assert not os.path.lexists(reopened.sysfs_root / "bus" / "pci" / "drivers" / "vfio-pci" / GPU)
+    assert "DRIVER=" not in attribute(reopened, GPU, "uevent")
+    assert not (reopened.dev_root / "vfio" / "2").exists()
+
+
+def test_reopen_rejects_directory_without_tree(tmp_path: Path) -> None:
+    (tmp_path / "host" / "sys").mkdir(parents=True)
+    description = HostDescription.from_dict(host_dict())
+
+    with pytest.raises(ValueError, match="missing directories dev, proc"):
+        SimulatedHost.reopen(description, tmp_path / "host")
+
+
+def test_reopen_rejects_other_drivers(host: SimulatedHost) -> None:
+    data = host_dict()
+    data["loaded_drivers"] = []
+    other = HostDescription.from_dict(data)
+
+    with pytest.raises(ValueError, match="another description"):
+        SimulatedHost.reopen(other, host.base)
+
+
+def test_reopen_rejects_undescribed_function(host: SimulatedHost) -> None:
+    data = host_dict()
+    data["devices"] = [device for device in data["devices"] if device["address"] != SPARE]
+    other = HostDescription.from_dict(data)
+
+    with pytest.raises(ValueError, match=f"{SPARE}, but host h1 describes no such function"):
+        SimulatedHost.reopen(other, host.base)
+
+
+def test_reopen_rejects_vf_count_mismatch(host: SimulatedHost) -> None:
+    write(host, f"bus/pci/devices/{PF}/sriov_numvfs", "4")
+    # As if the process died after removing the VFs, before it wrote the new count.
+    (device_dir(host, PF) / "sriov_numvfs").write_text("2\n")
+
+    with pytest.raises(ValueError, match="killed mid-change"):
+        SimulatedHost.reopen(host.description, host.base)
+
+
+@pytest.fixture
+def default_logging() -> Iterator[None]:
+    """Undo the structlog set-up that the agent's start-up code makes in this process."""
+    yield
+    structlog.reset_defaults()
+
+
+@pytest.mark.usefixtures("default_logging")
+def test_agent_environment_reopens_tree(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    description_file = tmp_path / "h1.yaml"
+    description_file.write_text(yaml.safe_dump(host_dict()))
+    arguments = ["--simulate", str(description_file), "--simulate-dir", str(tmp_path / "sim"), "--log-json"]
+
+    first = _host_environment(build_parser().parse_args(arguments))
+    first.writer.write(first.sysfs_root / "bus" / "pci" / "devices" / NVME / "remove", "1")
+    first_log = capsys.readouterr().err
+    second = _host_environment(build_parser().parse_args(arguments))
+    second_log = capsys.readouterr().err
+
+    assert '"event": "simulated_host_built"' in first_log
+    assert '"event": "simulated_host_reopened"' in second_log
+    assert second.sysfs_root == first.sysfs_root
+    assert second.journal_path == tmp_path / "sim" / "state" / "journal.json"
+    assert not os.path.lexists(second.sysfs_root / "bus" / "pci" / "devices" / NVME)
 
 
 # ---------------------------------------------------------------------------
