@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import grpc
 import structlog
 
+from agent.journal import Journal, Phase
 from agent.service import function_to_proto
 from agent.sysfs import Sysfs
 from devpass import __version__
@@ -35,10 +36,13 @@ class HostIdentity:
 class Heartbeat:
     """Send the host's live PCI state to the controller at the interval the controller sets."""
 
-    def __init__(self, channel: grpc.aio.Channel, sysfs: Sysfs, identity: HostIdentity) -> None:
+    def __init__(
+        self, channel: grpc.aio.Channel, sysfs: Sysfs, identity: HostIdentity, journal: Journal
+    ) -> None:
         self._stub = hosts_pb2_grpc.HostServiceStub(channel)
         self._sysfs = sysfs
         self._identity = identity
+        self._journal = journal
         # Identifies this agent run; a new one tells the controller to reconcile the host.
         self._instance = uuid.uuid4().hex
         self.interval = DEFAULT_INTERVAL_SECONDS
@@ -88,6 +92,16 @@ class Heartbeat:
             self.interval = response.interval_seconds
 
     def _request(self) -> hosts_pb2.HeartbeatRequest:
+        functions = [function_to_proto(f) for f in self._sysfs.list_functions()]
+        # The journal says which binds devpass made, so a controller that never got a bind's
+        # answer (the agent died first) still learns the device is devpass's to give back.
+        bound = {e.pci_address: e for e in self._journal.entries() if e.phase == Phase.BOUND}
+        for function in functions:
+            entry = bound.get(function.pci_address)
+            if entry is not None and function.bound_to_vfio:
+                function.bound_by_devpass = True
+                function.original_driver = entry.original_driver or ""
+
         return hosts_pb2.HeartbeatRequest(
             host=self._identity.name,
             agent_address=self._identity.agent_address,
@@ -96,5 +110,5 @@ class Heartbeat:
             vfio_available=self._sysfs.vfio_available(),
             simulated=self._identity.simulated,
             agent_instance=self._instance,
-            functions=[function_to_proto(f) for f in self._sysfs.list_functions()],
+            functions=functions,
         )

@@ -180,10 +180,11 @@ async def run_agent(
         environment.dev_root,
         controller_host=config.controller.rsplit(":", 1)[0],
     )
+    journal = Journal(environment.journal_path)
     binder = Binder(
         sysfs,
         environment.writer,
-        Journal(environment.journal_path),
+        journal,
         usage,
         dev_root=environment.dev_root,
         write_timeout=config.write_timeout,
@@ -210,7 +211,7 @@ async def run_agent(
 
     async with grpc.aio.insecure_channel(config.controller) as channel:
         identity = HostIdentity(environment.host_name, address, environment.simulated)
-        heartbeat = Heartbeat(channel, sysfs, identity)
+        heartbeat = Heartbeat(channel, sysfs, identity, journal)
         servicer.on_change = heartbeat.trigger
         loop = asyncio.get_running_loop()
 

@@ -24,6 +24,9 @@ class FunctionState:
 
     driver: str
     bound_to_vfio: bool
+    # From the agent's journal: devpass bound it, and the driver it came from.
+    bound_by_devpass: bool = False
+    original_driver: str = ""
 
 
 @dataclass(frozen=True)
@@ -256,8 +259,13 @@ class HostDirectory:
 
 
 def _encode_functions(functions: dict[str, FunctionState]) -> str:
-    return json.dumps({address: [f.driver, f.bound_to_vfio] for address, f in functions.items()})
+    return json.dumps(
+        {
+            address: [f.driver, f.bound_to_vfio, f.bound_by_devpass, f.original_driver]
+            for address, f in functions.items()
+        }
+    )
 
 
 def _decode_functions(text: str) -> dict[str, FunctionState]:
-    return {address: FunctionState(driver, bound) for address, (driver, bound) in json.loads(text).items()}
+    return {address: FunctionState(*fields) for address, fields in json.loads(text).items()}

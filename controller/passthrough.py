@@ -172,7 +172,7 @@ class Passthrough:
             raise device_in_use(record)
 
         moves: list[Move] = []
-        if record.bound_by_devpass and self._devices.view(record).present:
+        if self._devpass_bound(record) and self._devices.view(record).present:
             try:
                 moves = await self._restore(record)
             except DevpassError as err:
@@ -298,6 +298,20 @@ class Passthrough:
                         error=err.message,
                         check="bind the device again by hand once the cause is fixed",
                     )
+            elif not record.bound_by_devpass and live.bound_by_devpass:
+                # The agent bound it but its answer was lost (it died first): adopt the bind.
+                await self._registry.set_binding(
+                    record.id, bound_by_devpass=True, original_driver=live.original_driver
+                )
+                log.info(
+                    "device_binding_adopted",
+                    host=host,
+                    name=record.name,
+                    original_driver=live.original_driver,
+                )
+                await self._devices.events.emit(
+                    "bound", record=record, detail="adopted from the agent's journal"
+                )
             elif not record.bound_by_devpass and live.bound_to_vfio:
                 log.warning(
                     "device_bound_outside_devpass",
@@ -307,6 +321,15 @@ class Passthrough:
                     check="something other than devpass moved it to vfio-pci; devpass leaves it as it is",
                 )
         log.info("host_reconciled", host=host, rebound=rebound)
+
+    def _devpass_bound(self, record: DeviceRecord) -> bool:
+        """Return whether devpass holds the device on vfio-pci, by the registry or the agent's journal."""
+        if record.bound_by_devpass:
+            return True
+        state = self._hosts.get(record.host)
+        live = state.functions.get(record.pci_address) if state is not None else None
+
+        return live is not None and live.bound_by_devpass
 
     async def _mark_stale(self, record: DeviceRecord, err: IdentityMismatch) -> None:
         await self._registry.mark_stale(record.id)

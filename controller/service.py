@@ -243,7 +243,12 @@ class HostServicer(hosts_pb2_grpc.HostServiceServicer):
             last_heartbeat=datetime.now(UTC),
         )
         functions = {
-            f.pci_address: FunctionState(driver=f.driver, bound_to_vfio=f.bound_to_vfio)
+            f.pci_address: FunctionState(
+                driver=f.driver,
+                bound_to_vfio=f.bound_to_vfio,
+                bound_by_devpass=f.bound_by_devpass,
+                original_driver=f.original_driver,
+            )
             for f in request.functions
         }
         await self._hosts.heartbeat(HostReport(record, functions, request.agent_instance))

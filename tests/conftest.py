@@ -135,7 +135,13 @@ def wait_for_hosts(
     deadline = time.monotonic() + timeout
     listed: dict[str, bool] = {}
     while time.monotonic() < deadline:
-        response = stub.ListHosts(hosts_pb2.ListHostsRequest(), timeout=5)
+        try:
+            # wait_for_ready: a just-restarted controller may still be in the channel's
+            # reconnect backoff, which grpc shares between channels to the same address.
+            response = stub.ListHosts(hosts_pb2.ListHostsRequest(), timeout=5, wait_for_ready=True)
+        except grpc.RpcError:
+            time.sleep(0.1)
+            continue
         listed = {h.name: h.available for h in response.hosts}
         if all(listed.get(name) is available for name in names):
             return

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14\x64\x65vpass/v1/pci.proto\x12\ndevpass.v1\"\x90\x03\n\x0bPciFunction\x12\x13\n\x0bpci_address\x18\x01 \x01(\t\x12\x11\n\tvendor_id\x18\x02 \x01(\t\x12\x11\n\tdevice_id\x18\x03 \x01(\t\x12\x1b\n\x13subsystem_vendor_id\x18\x04 \x01(\t\x12\x1b\n\x13subsystem_device_id\x18\x05 \x01(\t\x12\x12\n\nclass_code\x18\x06 \x01(\t\x12\x10\n\x08revision\x18\x07 \x01(\t\x12\x18\n\x0biommu_group\x18\x08 \x01(\x05H\x00\x88\x01\x01\x12\x0e\n\x06\x64river\x18\t \x01(\t\x12\x17\n\x0f\x64river_override\x18\n \x01(\t\x12\x11\n\tnuma_node\x18\x0b \x01(\x05\x12\x13\n\x0bvendor_name\x18\x0c \x01(\t\x12\x13\n\x0b\x64\x65vice_name\x18\r \x01(\t\x12\x0e\n\x06physfn\x18\x0e \x01(\t\x12\x0f\n\x07virtfns\x18\x0f \x03(\t\x12\x10\n\x08\x62oot_vga\x18\x10 \x01(\x08\x12\x0c\n\x04type\x18\x11 \x01(\t\x12\x15\n\rbound_to_vfio\x18\x12 \x01(\x08\x42\x0e\n\x0c_iommu_group\"J\n\rAssignability\x12\x12\n\nassignable\x18\x01 \x01(\x08\x12%\n\x08\x62lockers\x18\x02 \x03(\x0b\x32\x13.devpass.v1.Blocker\"A\n\x07\x42locker\x12\x0e\n\x06reason\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x15\n\rpci_addresses\x18\x03 \x03(\tb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14\x64\x65vpass/v1/pci.proto\x12\ndevpass.v1\"\xc3\x03\n\x0bPciFunction\x12\x13\n\x0bpci_address\x18\x01 \x01(\t\x12\x11\n\tvendor_id\x18\x02 \x01(\t\x12\x11\n\tdevice_id\x18\x03 \x01(\t\x12\x1b\n\x13subsystem_vendor_id\x18\x04 \x01(\t\x12\x1b\n\x13subsystem_device_id\x18\x05 \x01(\t\x12\x12\n\nclass_code\x18\x06 \x01(\t\x12\x10\n\x08revision\x18\x07 \x01(\t\x12\x18\n\x0biommu_group\x18\x08 \x01(\x05H\x00\x88\x01\x01\x12\x0e\n\x06\x64river\x18\t \x01(\t\x12\x17\n\x0f\x64river_override\x18\n \x01(\t\x12\x11\n\tnuma_node\x18\x0b \x01(\x05\x12\x13\n\x0bvendor_name\x18\x0c \x01(\t\x12\x13\n\x0b\x64\x65vice_name\x18\r \x01(\t\x12\x0e\n\x06physfn\x18\x0e \x01(\t\x12\x0f\n\x07virtfns\x18\x0f \x03(\t\x12\x10\n\x08\x62oot_vga\x18\x10 \x01(\x08\x12\x0c\n\x04type\x18\x11 \x01(\t\x12\x15\n\rbound_to_vfio\x18\x12 \x01(\x08\x12\x18\n\x10\x62ound_by_devpass\x18\x13 \x01(\x08\x12\x17\n\x0foriginal_driver\x18\x14 \x01(\tB\x0e\n\x0c_iommu_group\"J\n\rAssignability\x12\x12\n\nassignable\x18\x01 \x01(\x08\x12%\n\x08\x62lockers\x18\x02 \x03(\x0b\x32\x13.devpass.v1.Blocker\"A\n\x07\x42locker\x12\x0e\n\x06reason\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x15\n\rpci_addresses\x18\x03 \x03(\tb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -32,9 +32,9 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'devpass.v1.pci_pb2', _globa
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_PCIFUNCTION']._serialized_start=37
-  _globals['_PCIFUNCTION']._serialized_end=437
-  _globals['_ASSIGNABILITY']._serialized_start=439
-  _globals['_ASSIGNABILITY']._serialized_end=513
-  _globals['_BLOCKER']._serialized_start=515
-  _globals['_BLOCKER']._serialized_end=580
+  _globals['_PCIFUNCTION']._serialized_end=488
+  _globals['_ASSIGNABILITY']._serialized_start=490
+  _globals['_ASSIGNABILITY']._serialized_end=564
+  _globals['_BLOCKER']._serialized_start=566
+  _globals['_BLOCKER']._serialized_end=631
 # @@protoc_insertion_point(module_scope)

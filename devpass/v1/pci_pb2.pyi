@@ -7,7 +7,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class PciFunction(_message.Message):
-    __slots__ = ("pci_address", "vendor_id", "device_id", "subsystem_vendor_id", "subsystem_device_id", "class_code", "revision", "iommu_group", "driver", "driver_override", "numa_node", "vendor_name", "device_name", "physfn", "virtfns", "boot_vga", "type", "bound_to_vfio")
+    __slots__ = ("pci_address", "vendor_id", "device_id", "subsystem_vendor_id", "subsystem_device_id", "class_code", "revision", "iommu_group", "driver", "driver_override", "numa_node", "vendor_name", "device_name", "physfn", "virtfns", "boot_vga", "type", "bound_to_vfio", "bound_by_devpass", "original_driver")
     PCI_ADDRESS_FIELD_NUMBER: _ClassVar[int]
     VENDOR_ID_FIELD_NUMBER: _ClassVar[int]
     DEVICE_ID_FIELD_NUMBER: _ClassVar[int]
@@ -26,6 +26,8 @@ class PciFunction(_message.Message):
     BOOT_VGA_FIELD_NUMBER: _ClassVar[int]
     TYPE_FIELD_NUMBER: _ClassVar[int]
     BOUND_TO_VFIO_FIELD_NUMBER: _ClassVar[int]
+    BOUND_BY_DEVPASS_FIELD_NUMBER: _ClassVar[int]
+    ORIGINAL_DRIVER_FIELD_NUMBER: _ClassVar[int]
     pci_address: str
     vendor_id: str
     device_id: str
@@ -44,7 +46,9 @@ class PciFunction(_message.Message):
     boot_vga: bool
     type: str
     bound_to_vfio: bool
-    def __init__(self, pci_address: _Optional[str] = ..., vendor_id: _Optional[str] = ..., device_id: _Optional[str] = ..., subsystem_vendor_id: _Optional[str] = ..., subsystem_device_id: _Optional[str] = ..., class_code: _Optional[str] = ..., revision: _Optional[str] = ..., iommu_group: _Optional[int] = ..., driver: _Optional[str] = ..., driver_override: _Optional[str] = ..., numa_node: _Optional[int] = ..., vendor_name: _Optional[str] = ..., device_name: _Optional[str] = ..., physfn: _Optional[str] = ..., virtfns: _Optional[_Iterable[str]] = ..., boot_vga: _Optional[bool] = ..., type: _Optional[str] = ..., bound_to_vfio: _Optional[bool] = ...) -> None: ...
+    bound_by_devpass: bool
+    original_driver: str
+    def __init__(self, pci_address: _Optional[str] = ..., vendor_id: _Optional[str] = ..., device_id: _Optional[str] = ..., subsystem_vendor_id: _Optional[str] = ..., subsystem_device_id: _Optional[str] = ..., class_code: _Optional[str] = ..., revision: _Optional[str] = ..., iommu_group: _Optional[int] = ..., driver: _Optional[str] = ..., driver_override: _Optional[str] = ..., numa_node: _Optional[int] = ..., vendor_name: _Optional[str] = ..., device_name: _Optional[str] = ..., physfn: _Optional[str] = ..., virtfns: _Optional[_Iterable[str]] = ..., boot_vga: _Optional[bool] = ..., type: _Optional[str] = ..., bound_to_vfio: _Optional[bool] = ..., bound_by_devpass: _Optional[bool] = ..., original_driver: _Optional[str] = ...) -> None: ...
 
 class Assignability(_message.Message):
     __slots__ = ("assignable", "blockers")
