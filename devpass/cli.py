@@ -147,7 +147,9 @@ def _add_bind_options(parser: argparse.ArgumentParser) -> None:
 
 def _add_request_id(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--request-id", default="", help="id that makes a retry of this call return the first result"
+        "--request-id",
+        default="",
+        help="id that makes a retry of this call return the first result (default: a new random id)",
     )
 
 
@@ -200,7 +202,7 @@ def _register(args: argparse.Namespace) -> None:
             bind_vfio=args.bind_vfio,
             include_group=args.include_group,
             force=args.force,
-            request_id=args.request_id,
+            request_id=client.request_id(args.request_id),
         )
     )
     _print_devices(args, [device], single=True)
@@ -212,7 +214,7 @@ def _bind(args: argparse.Namespace) -> None:
             id_or_name=args.id_or_name,
             include_group=args.include_group,
             force=args.force,
-            request_id=args.request_id,
+            request_id=client.request_id(args.request_id),
         )
     )
     if args.output == "json":
@@ -225,7 +227,9 @@ def _bind(args: argparse.Namespace) -> None:
 
 def _unbind(args: argparse.Namespace) -> None:
     response = _devices_stub(args).UnbindDevice(
-        devices_pb2.UnbindDeviceRequest(id_or_name=args.id_or_name, request_id=args.request_id)
+        devices_pb2.UnbindDeviceRequest(
+            id_or_name=args.id_or_name, request_id=client.request_id(args.request_id)
+        )
     )
     if args.output == "json":
         _print_json(_to_dict(response))
@@ -242,7 +246,7 @@ def _attach(args: argparse.Namespace) -> None:
             instance_id=args.instance_id,
             include_group=args.include_group,
             force=args.force,
-            request_id=args.request_id,
+            request_id=client.request_id(args.request_id),
         )
     )
     _print_devices(args, [device], single=True)
@@ -250,7 +254,9 @@ def _attach(args: argparse.Namespace) -> None:
 
 def _detach(args: argparse.Namespace) -> None:
     device = _devices_stub(args).DetachDevice(
-        devices_pb2.DetachDeviceRequest(id_or_name=args.id_or_name, request_id=args.request_id)
+        devices_pb2.DetachDeviceRequest(
+            id_or_name=args.id_or_name, request_id=client.request_id(args.request_id)
+        )
     )
     _print_devices(args, [device], single=True)
 
@@ -288,7 +294,7 @@ def _get(args: argparse.Namespace) -> None:
 def _delete(args: argparse.Namespace) -> None:
     response = _devices_stub(args).UnregisterDevice(
         devices_pb2.UnregisterDeviceRequest(
-            id_or_name=args.id_or_name, force=args.force, request_id=args.request_id
+            id_or_name=args.id_or_name, force=args.force, request_id=client.request_id(args.request_id)
         )
     )
     if args.output == "json":

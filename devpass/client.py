@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import uuid
 
 import grpc
 
@@ -12,8 +13,25 @@ from devpass.errors import InvalidArgument
 DEFAULT_CONTROLLER = "127.0.0.1:50051"
 CONTROLLER_ENV = "DEVPASS_CONTROLLER"
 
-# Reads are safe to repeat, so a transient UNAVAILABLE (a restarting controller) is retried
-# by gRPC itself. Registration and unregistration are not retried: a retry could act twice.
+_RETRY_POLICY = {
+    "maxAttempts": 4,
+    "initialBackoff": "0.2s",
+    "maxBackoff": "2s",
+    "backoffMultiplier": 2,
+    "retryableStatusCodes": ["UNAVAILABLE"],
+}
+_MUTATING = (
+    "RegisterDevice",
+    "UnregisterDevice",
+    "BindDevice",
+    "UnbindDevice",
+    "AttachDevice",
+    "DetachDevice",
+)
+
+# gRPC itself retries a call that failed with UNAVAILABLE (a restarting controller, a lost
+# connection). Reads are safe to repeat. Mutating calls are too, because the CLI gives each
+# one a request_id, and the controller answers a repeated request_id with the first result.
 _SERVICE_CONFIG = {
     "methodConfig": [
         {
@@ -24,20 +42,20 @@ _SERVICE_CONFIG = {
                 {"service": "devpass.v1.HostService", "method": "ListHosts"},
             ],
             "timeout": "30s",
-            "retryPolicy": {
-                "maxAttempts": 4,
-                "initialBackoff": "0.2s",
-                "maxBackoff": "2s",
-                "backoffMultiplier": 2,
-                "retryableStatusCodes": ["UNAVAILABLE"],
-            },
+            "retryPolicy": _RETRY_POLICY,
         },
         {
-            "name": [{"service": "devpass.v1.DeviceService"}],
-            "timeout": "60s",
+            "name": [{"service": "devpass.v1.DeviceService", "method": method} for method in _MUTATING],
+            "timeout": "90s",
+            "retryPolicy": _RETRY_POLICY,
         },
     ]
 }
+
+
+def request_id(explicit: str = "") -> str:
+    """Return `explicit`, or a new random request id that makes a retried call safe."""
+    return explicit or f"cli-{uuid.uuid4().hex}"
 
 
 def controller_address(explicit: str | None = None) -> str:

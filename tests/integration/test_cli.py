@@ -201,3 +201,42 @@ def test_bind_attach_detach_unbind(processes: Processes, tmp_path: Path) -> None
     critical = devpass(address, "devices", "register", "01:00.0", "--bind-vfio")
     assert critical.returncode == 1
     assert critical.stderr.startswith("error: HOST_CRITICAL_DEVICE: ")
+
+
+def test_watch_prints_events(processes: Processes, tmp_path: Path) -> None:
+    fleet = start_fleet(processes, tmp_path / "state", {"l4-01": "l4.yaml"})
+    address = fleet.controller.address
+    watcher = subprocess.Popen(
+        [sys.executable, "-m", "devpass", "--controller", address, "-o", "json", "devices", "watch"],
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    try:
+        time.sleep(1.5)
+        assert devpass(address, "devices", "register", "a2:00.0", "--name", "l4").returncode == 0
+        assert watcher.stdout is not None
+        event = json.loads(watcher.stdout.readline())
+    finally:
+        watcher.send_signal(signal.SIGINT)
+        watcher.wait(timeout=10)
+
+    assert event["kind"] == "registered"
+    assert event["name"] == "l4"
+    assert int(event["cursor"]) > 0
+
+
+def test_retried_register_keeps_one_entry(fleet: Fleet) -> None:
+    address = fleet.controller.address
+    first = devpass(
+        address, "-o", "json", "devices", "register", "--host", "node-a", "a2:00.0", "--request-id", "r-1"
+    )
+    again = devpass(
+        address, "-o", "json", "devices", "register", "--host", "node-a", "a2:00.0", "--request-id", "r-1"
+    )
+
+    assert first.returncode == 0, first.stderr
+    assert again.returncode == 0, again.stderr
+    assert json.loads(again.stdout)["id"] == json.loads(first.stdout)["id"]
+    listed = json.loads(devpass(address, "-o", "json", "devices", "list").stdout)["devices"]
+    assert len(listed) == 1
