@@ -209,7 +209,7 @@ async def run_agent(
     if ready is not None:
         ready(address)
 
-    async with grpc.aio.insecure_channel(config.controller) as channel:
+    async with grpc.aio.insecure_channel(config.controller, options=rpc.RECONNECT_OPTIONS) as channel:
         identity = HostIdentity(environment.host_name, address, environment.simulated)
         heartbeat = Heartbeat(channel, sysfs, identity, journal)
         servicer.on_change = heartbeat.trigger

@@ -189,7 +189,7 @@ class AgentClients:
     def _channel(self, address: str) -> grpc.aio.Channel:
         channel = self._channels.get(address)
         if channel is None:
-            channel = grpc.aio.insecure_channel(address)
+            channel = grpc.aio.insecure_channel(address, options=rpc.RECONNECT_OPTIONS)
             self._channels[address] = channel
 
         return channel

@@ -24,6 +24,14 @@ from grpc_reflection.v1alpha import reflection
 from devpass.errors import DevpassError, InvalidArgument
 
 REQUEST_ID_HEADER = "x-request-id"
+# Channels between controller and agents reconnect within a second after a peer restarts.
+# gRPC's default backoff grows to two minutes, long enough for a restarted controller to
+# call every host dead because their heartbeats wait out the backoff.
+RECONNECT_OPTIONS = [
+    ("grpc.initial_reconnect_backoff_ms", 200),
+    ("grpc.min_reconnect_backoff_ms", 200),
+    ("grpc.max_reconnect_backoff_ms", 1000),
+]
 # Request id of the call being served, forwarded to agents so one id follows a request.
 current_request_id: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="")
 

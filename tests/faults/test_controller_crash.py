@@ -11,7 +11,7 @@ from pathlib import Path
 
 import grpc
 
-from devpass import errors
+from devpass import client, errors
 from devpass.v1 import devices_pb2, devices_pb2_grpc
 from tests.conftest import Processes, wait_for_hosts
 from tests.faults.conftest import many_gpus_host, report
@@ -93,8 +93,9 @@ def test_controller_killed_mid_traffic(processes: Processes, tmp_path: Path) -> 
     before_restart = dict(acknowledged)
 
     start_controller("controller-2")
-    # A new channel: the old one backs off after the kill and would fail the first calls.
-    channel = grpc.insecure_channel(address)
+    # A new channel with the CLI's service config, which retries UNAVAILABLE as any devpass
+    # client does; the old channel backs off after the kill and would fail the first calls.
+    channel = client.connect(address)
     stub = devices_pb2_grpc.DeviceServiceStub(channel)
     wait_for_hosts(channel, set(hosts))
     retried: dict[str, str] = {}
