@@ -22,7 +22,7 @@ log = structlog.get_logger()
 # Used until the controller states its interval in the first response.
 DEFAULT_INTERVAL_SECONDS = 2.0
 # A heartbeat that takes longer than this part of the interval counts as failed, so a slow
-# answer never delays the next beat.
+# response never delays the next beat.
 _DEADLINE_FRACTION = 0.8
 
 
@@ -43,7 +43,7 @@ class Heartbeat:
         self._sysfs = sysfs
         self._identity = identity
         self._journal = journal
-        # Identifies this agent run; a new one tells the controller to reconcile the host.
+        # Identifies this agent run. A new id makes the controller reconcile the host.
         self._instance = uuid.uuid4().hex
         self.interval = DEFAULT_INTERVAL_SECONDS
         self._wake = asyncio.Event()
@@ -93,8 +93,8 @@ class Heartbeat:
 
     def _request(self) -> hosts_pb2.HeartbeatRequest:
         functions = [function_to_proto(f) for f in self._sysfs.list_functions()]
-        # The journal says which binds devpass made, so a controller that never got a bind's
-        # answer (the agent died first) still learns the device is devpass's to give back.
+        # The journal records which binds devpass made, so a controller that never got a bind's
+        # response (the agent died first) still learns that devpass must give the device back.
         bound = {e.pci_address: e for e in self._journal.entries() if e.phase == Phase.BOUND}
         for function in functions:
             entry = bound.get(function.pci_address)

@@ -39,7 +39,7 @@ DEFAULT_STATE_DIR = Path("/var/lib/devpass-agent")
 
 @dataclass(frozen=True)
 class HostEnvironment:
-    """Where the agent reads and writes: the real host, or a simulated one."""
+    """The roots and writer of the host the agent serves: the real host, or a simulated one."""
 
     host_name: str
     sysfs_root: Path

@@ -45,7 +45,7 @@ def check_identity(function: PciFunctionInfo, expected: Identity | None) -> None
     changes = expected.differences(Identity.of(function))
     if changes:
         raise IdentityMismatch(
-            f"{function.address} now holds different hardware than was registered "
+            f"{function.address} now contains different hardware than was registered "
             f"({', '.join(changes)}), for example after a card was added and buses were "
             "renumbered; nothing was written. Unregister the entry and register the device again",
             pci_address=str(function.address),

@@ -67,7 +67,7 @@ class PciFunctionInfo:
 
 @dataclass(frozen=True)
 class Identity:
-    """What identifies the hardware at an address beyond the address itself."""
+    """Identification of the hardware at an address beyond the address itself."""
 
     vendor_id: str
     device_id: str
@@ -108,7 +108,7 @@ class Identity:
 class Sysfs:
     """Read-only view of the PCI bus under `root`.
 
-    The instance holds no device state: every method reads the tree anew, so callers
+    The instance caches no device state: every method reads the tree anew, so callers
     always see what the kernel (or the simulation) shows now.
     """
 

@@ -16,7 +16,7 @@ T = TypeVar("T")
 # Every call that crosses to a host has a deadline, so a stuck agent cannot stall a caller.
 DEFAULT_DEADLINE_SECONDS = 10.0
 # Binds and restores make several sysfs writes, each with the agent's own write timeout
-# (5 s by default), and may roll back; they get a longer deadline than reads.
+# (5 s by default), and may roll back. So they get a longer deadline than reads.
 WRITE_DEADLINE_SECONDS = 60.0
 
 
@@ -106,7 +106,7 @@ class AgentClients:
 
         Raises:
             PciDeviceNotFound: the host has no function at the address.
-            HostUnavailable: the agent did not answer in time.
+            HostUnavailable: the agent did not respond in time.
         """
         request = agent_pb2.InspectFunctionRequest(pci_address=pci_address)
         response = await self._call(host, address, lambda stub: stub.InspectFunction)(request)
@@ -117,7 +117,7 @@ class AgentClients:
         """Read every function on `host`.
 
         Raises:
-            HostUnavailable: the agent did not answer in time.
+            HostUnavailable: the agent did not respond in time.
         """
         request = agent_pb2.ListFunctionsRequest()
         response = await self._call(host, address, lambda stub: stub.ListFunctions)(request)
@@ -143,8 +143,8 @@ class AgentClients:
         Raises:
             IdentityMismatch, VfioUnavailable, IommuUnavailable, IommuGroupNotViable,
             HostCriticalDevice, DeviceBusy, SriovPfHasVfs, WritePending: nothing was written.
-            WriteTimedOut, BindFailed: the error's metadata holds the device state.
-            HostUnavailable: the agent did not answer in time.
+            WriteTimedOut, BindFailed: the error's metadata contains the device state.
+            HostUnavailable: the agent did not respond in time.
         """
         request = agent_pb2.BindFunctionRequest(
             pci_address=pci_address, expected=_identity(expected), include_group=include_group, force=force
@@ -200,7 +200,6 @@ def _translate(host: str, address: str, err: grpc.aio.AioRpcError) -> errors.Dev
     domain_error = errors.from_rpc_error(err)
     if domain_error is not None:
         domain_error.metadata.setdefault("host", host)
-        domain_error.message = domain_error.message.replace("--host HOST", f"--host {host}")
         if not domain_error.message.startswith(f"host {host}"):
             domain_error.message = f"host {host}: {domain_error.message}"
         return domain_error

@@ -80,7 +80,7 @@ class Devices:
         """Register the function at `pci_address` on `host` under `name`, or a generated name.
 
         A retry whose `request_id` created the existing entry returns that entry, so a call
-        acknowledged to nobody (the controller died before answering) converges on retry.
+        whose response was lost (the controller died before sending it) converges on retry.
 
         Raises:
             InvalidPciAddress, InvalidName: malformed input; nothing is read.

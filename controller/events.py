@@ -56,7 +56,13 @@ class EventLog:
     async def emit(
         self, kind: str, *, record: DeviceRecord | None = None, host: str = "", detail: str = ""
     ) -> None:
-        """Store an event; a failure is logged, because the change it reports already happened."""
+        """Store an event; a failure is logged, because the change it reports already happened.
+
+        Raises:
+            ValueError: `kind` is not one of KINDS, a programming error.
+        """
+        if kind not in KINDS:
+            raise ValueError(f"unknown event kind {kind!r}; use one of {', '.join(KINDS)}")
         event = EventRecord(
             cursor=0,
             kind=kind,

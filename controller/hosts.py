@@ -75,7 +75,7 @@ class HostDirectory:
         self._hosts: dict[str, HostState] = {}
         self._pending_saves: dict[str, HostRecord] = {}
         self._saving: set[str] = set()
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks: set[asyncio.Future[None]] = set()
         self._save_failures = 0
 
     async def load(self) -> None:
@@ -105,10 +105,8 @@ class HostDirectory:
             self._start(self.on_host_returned(state.name))
 
     def _start(self, work: Awaitable[None]) -> None:
-        async def run() -> None:
-            await work
-
-        task = asyncio.create_task(run())
+        """Run `work` in the background, keeping a reference so the task is not collected."""
+        task = asyncio.ensure_future(work)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
@@ -142,9 +140,7 @@ class HostDirectory:
         if record.name in self._saving:
             return
         self._saving.add(record.name)
-        task = asyncio.create_task(self._save_pending(record.name))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self._start(self._save_pending(record.name))
 
     async def _save_pending(self, host: str) -> None:
         try:

@@ -121,7 +121,7 @@ class Passthrough:
 
         Raises:
             InvalidArgument: the instance id is malformed.
-            DeviceInUse: another attach holds the device.
+            DeviceInUse: the device is attached already.
             DeviceNotPresent: the host no longer shows the device.
             Everything `bind` raises; the attachment is released again then.
         """
@@ -299,7 +299,7 @@ class Passthrough:
                         check="bind the device again by hand once the cause is fixed",
                     )
             elif not record.bound_by_devpass and live.bound_by_devpass:
-                # The agent bound it but its answer was lost (it died first): adopt the bind.
+                # The agent bound it but died before responding, so the bind is adopted here.
                 await self._registry.set_binding(
                     record.id, bound_by_devpass=True, original_driver=live.original_driver
                 )
@@ -323,7 +323,7 @@ class Passthrough:
         log.info("host_reconciled", host=host, rebound=rebound)
 
     def _devpass_bound(self, record: DeviceRecord) -> bool:
-        """Return whether devpass holds the device on vfio-pci, by the registry or the agent's journal."""
+        """Return whether devpass bound the device to vfio-pci, by the registry or the agent's journal."""
         if record.bound_by_devpass:
             return True
         state = self._hosts.get(record.host)

@@ -31,7 +31,7 @@ _MUTATING = (
 
 # gRPC itself retries a call that failed with UNAVAILABLE (a restarting controller, a lost
 # connection). Reads are safe to repeat. Mutating calls are too, because the CLI gives each
-# one a request_id, and the controller answers a repeated request_id with the first result.
+# one a request_id, and the controller returns the first result for a repeated request_id.
 _SERVICE_CONFIG = {
     "methodConfig": [
         {

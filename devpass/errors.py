@@ -20,7 +20,7 @@ DOMAIN = "devpass"
 class DevpassError(Exception):
     """Base of every error that devpass reports to a caller.
 
-    `metadata` holds the subject of the error (address, host, name) as strings, and
+    `metadata` contains the subject of the error (address, host, name) as strings, and
     travels in the ErrorInfo so clients can act on it without parsing the message.
     """
 
@@ -198,7 +198,7 @@ class SriovPfHasVfs(DevpassError):
 
 
 class WriteTimedOut(DevpassError):
-    """A sysfs write did not return within its deadline; metadata holds the device state."""
+    """A sysfs write did not return within its deadline; metadata contains the device state."""
 
     reason = "WRITE_TIMED_OUT"
     code = grpc.StatusCode.DEADLINE_EXCEEDED
@@ -212,7 +212,7 @@ class WritePending(DevpassError):
 
 
 class BindFailed(DevpassError):
-    """A bind step failed and the device was rolled back; metadata says how the rollback went."""
+    """A bind step failed and the device was rolled back; metadata records how the rollback went."""
 
     reason = "BIND_FAILED"
     code = grpc.StatusCode.ABORTED

@@ -12,7 +12,7 @@ import structlog
 def configure(component: str, *, level: str = "info", json: bool | None = None, **bound: Any) -> None:
     """Configure structlog to write one event per line to stderr.
 
-    Logs are JSON unless stderr is a terminal (console rendering), or as `json` says.
+    Logs are JSON unless stderr is a terminal (console rendering), or as `json` sets.
     `bound` keys (for example `host` or `simulated`) go into every event.
     """
     if json is None:

@@ -1,7 +1,7 @@
 """Server plumbing shared by the controller and the agent.
 
 One interceptor turns every `DevpassError` into its gRPC status with ErrorInfo and writes
-one log line per call; nothing else in a servicer deals with status codes.
+one log line per call. No servicer deals with status codes itself.
 """
 
 from __future__ import annotations

@@ -36,7 +36,7 @@ class DeviceRecord:
     created_at: datetime
     attached_to: str = ""
     stale: bool = False
-    # True while devpass holds the device on vfio-pci; the desired state to restore after a reboot.
+    # True while devpass keeps the device on vfio-pci, which is the state to restore after a reboot.
     bound_by_devpass: bool = False
     # Driver to give the device back to; empty when it had none.
     original_driver: str = ""
@@ -59,7 +59,7 @@ class RequestRecord:
 
 @dataclass(frozen=True)
 class HostRecord:
-    """What the controller stores about a host between its agent's heartbeats."""
+    """A host's stored state between its agent's heartbeats."""
 
     name: str
     agent_address: str
@@ -118,7 +118,7 @@ class Registry(Protocol):
         """Delete the device; return whether it existed."""
 
     async def set_binding(self, device_id: str, *, bound_by_devpass: bool, original_driver: str) -> None:
-        """Record whether devpass holds the device on vfio-pci, and its original driver."""
+        """Record whether devpass keeps the device on vfio-pci, and its original driver."""
 
     async def claim_attachment(self, device_id: str, instance_id: str) -> DeviceRecord:
         """Set `attached_to` if the device is free, atomically, and return the updated record.

@@ -184,7 +184,7 @@ def test_agent_killed_mid_binds(processes: Processes, tmp_path: Path) -> None:
             for address in addresses
         }
 
-    # The controller adopts, from the agent's journal, binds whose answers the kill cut off;
+    # The controller adopts, from the agent's journal, binds whose responses the kill cut off;
     # it does so when the restarted agent's first heartbeat arrives.
     views = read_views()
     adopt_deadline = time.monotonic() + 10

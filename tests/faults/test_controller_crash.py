@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import signal
-import socket
 import threading
 import time
 from pathlib import Path
@@ -13,22 +12,15 @@ import grpc
 
 from devpass import client, errors
 from devpass.v1 import devices_pb2, devices_pb2_grpc
-from tests.conftest import Processes, wait_for_hosts
+from tests.conftest import Processes, free_port, wait_for_hosts
 from tests.faults.conftest import many_gpus_host, report
 
 HOSTS = 5
 PER_HOST = 200  # 5 hosts x 200 functions = 1,000 registrations
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
-
-
 def test_controller_killed_mid_traffic(processes: Processes, tmp_path: Path) -> None:
-    address = f"127.0.0.1:{_free_port()}"
+    address = f"127.0.0.1:{free_port()}"
     state_dir = tmp_path / "state"
 
     def start_controller(name: str) -> None:

@@ -3,20 +3,12 @@
 from __future__ import annotations
 
 import signal
-import socket
 from pathlib import Path
 
 import grpc
 
 from devpass.v1 import devices_pb2, devices_pb2_grpc
-from tests.conftest import Processes, wait_for_hosts
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
+from tests.conftest import Processes, free_port, wait_for_hosts
 
 
 def _all_devices(stub: devices_pb2_grpc.DeviceServiceStub) -> list[tuple[str, str, str, str]]:
@@ -26,7 +18,7 @@ def _all_devices(stub: devices_pb2_grpc.DeviceServiceStub) -> list[tuple[str, st
 
 def test_restart_keeps_devices(processes: Processes, tmp_path: Path) -> None:
     # A fixed port, so the agents find the restarted controller where they left it.
-    address = f"127.0.0.1:{_free_port()}"
+    address = f"127.0.0.1:{free_port()}"
     state_dir = tmp_path / "state"
     controller = processes.start(
         "controller",

@@ -32,7 +32,7 @@ WRITE_TIMEOUT = 0.3
 
 @dataclass
 class StaticUsage:
-    """HostUsage with fixed answers, so these tests exercise the binder alone."""
+    """HostUsage with fixed results, so these tests exercise the binder alone."""
 
     critical: dict[PciAddress, list[CriticalUse]] = field(default_factory=dict)
     held: dict[PciAddress, list[Holder]] = field(default_factory=dict)
